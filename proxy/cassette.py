@@ -1,0 +1,288 @@
+"""What a recording is and how one key's recordings are written to, and read from, a file.
+
+One file per key: the format version, the canonical request, the pinned fingerprint and the
+recordings, pretty-printed and key-sorted so that a diff of a cassette reads well in review.
+Bodies are stored so that replay gives back the exact bytes the upstream sent. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+from .errors import CassetteError
+from .sse import event_data
+
+FORMAT_VERSION = 1
+
+# Response headers worth replaying. Everything else (cookies, organisation ids, rate-limit
+# counters, dates) is dropped before storage.
+REPLAYED_HEADERS = frozenset({
+    "content-type", "openai-model", "openai-version", "openai-processing-ms", "x-request-id",
+    "retry-after", "apim-request-id", "azureml-model-deployment",
+})
+
+
+@dataclass(frozen=True)
+class SseEvent:
+    at_ms: float  # time since the request was sent upstream
+    raw: bytes  # the event exactly as sent, blank-line terminator included
+
+
+@dataclass(frozen=True)
+class Recording:
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    events: tuple[SseEvent, ...] | None = None
+    system_fingerprint: str | None = None
+    model: str | None = None
+    recorded_at: str = ""
+    usage: dict[str, Any] | None = None
+    duration_ms: float = 0.0
+    drift: str | None = None  # set by refresh: same, drift:fingerprint or drift:output
+
+    @property
+    def is_stream(self) -> bool:
+        return self.events is not None
+
+    def payload(self) -> bytes:
+        if self.events is None:
+            return self.body
+        return b"".join(event.raw for event in self.events)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Everything stored under one key of one cassette."""
+
+    key: str
+    label: str
+    request: dict[str, Any]
+    recordings: tuple[Recording, ...] = ()
+    pinned_fingerprint: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, recording: Recording) -> Entry:
+        pinned = recording.system_fingerprint if not self.recordings else self.pinned_fingerprint
+        return replace(self, recordings=(*self.recordings, recording), pinned_fingerprint=pinned)
+
+    def fingerprints(self) -> list[str | None]:
+        seen: list[str | None] = []
+        for recording in self.recordings:
+            if recording.system_fingerprint not in seen:
+                seen.append(recording.system_fingerprint)
+        return seen
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def encode_entry(entry: Entry) -> bytes:
+    document = {
+        "format": FORMAT_VERSION,
+        "key": entry.key,
+        "label": entry.label,
+        "request": sort_keys(entry.request),
+        "pinned_fingerprint": entry.pinned_fingerprint,
+        "recordings": [_encode_recording(recording) for recording in entry.recordings],
+        **({"extra": entry.extra} if entry.extra else {}),
+    }
+    # Keys are sorted for stable diffs, except inside stored bodies, whose key order is part of
+    # the bytes that replay must reproduce.
+    return orjson.dumps(sort_keys(document, keep={"body"}), option=orjson.OPT_INDENT_2) + b"\n"
+
+
+def sort_keys(value: Any, keep: frozenset[str] | set[str] = frozenset()) -> Any:
+    """A copy with dict keys sorted at every level, leaving the values under `keep` untouched."""
+    if isinstance(value, dict):
+        return {name: value[name] if name in keep else sort_keys(value[name], keep)
+                for name in sorted(value)}
+    if isinstance(value, list):
+        return [sort_keys(item, keep) for item in value]
+    return value
+
+
+def decode_entry(raw: bytes, source: str) -> Entry:
+    """Parse a stored file; every problem names `source` and what to do about it."""
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise CassetteError(
+            f"Cassette file {source} is not valid JSON ({exc}). Restore it from version control "
+            "or delete it to record again; other recordings are unaffected."
+        ) from exc
+    if not isinstance(document, dict):
+        raise CassetteError(f"Cassette file {source} does not hold a JSON object.")
+    version = document.get("format")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise CassetteError(
+            f"Cassette file {source} uses format {version}, newer than this replay-proxy "
+            f"understands (format {FORMAT_VERSION}). Upgrade replay-proxy "
+            "(pip install -U replay-proxy) to read it.",
+            code="cassette_format_unsupported",
+        )
+    if version != FORMAT_VERSION:
+        raise CassetteError(f"Cassette file {source} has no valid format version ({version!r}).")
+    try:
+        recordings = tuple(_decode_recording(item) for item in document["recordings"])
+        return Entry(
+            key=str(document["key"]),
+            label=str(document.get("label", "")),
+            request=dict(document["request"]),
+            recordings=recordings,
+            pinned_fingerprint=document.get("pinned_fingerprint"),
+            extra=dict(document.get("extra") or {}),
+        )
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise CassetteError(
+            f"Cassette file {source} is missing or has a malformed field ({exc!r}). Restore it "
+            "from version control or delete it to record again."
+        ) from exc
+
+
+def _encode_recording(recording: Recording) -> dict[str, Any]:
+    encoded: dict[str, Any] = {
+        "status": recording.status,
+        "headers": recording.headers,
+        "system_fingerprint": recording.system_fingerprint,
+        "model": recording.model,
+        "recorded_at": recording.recorded_at,
+        "duration_ms": round(recording.duration_ms, 3),
+    }
+    if recording.usage is not None:
+        encoded["usage"] = recording.usage
+    if recording.drift is not None:
+        encoded["drift"] = recording.drift
+    if recording.events is not None:
+        encoded["events"] = [_encode_event(event) for event in recording.events]
+    else:
+        encoded.update(encode_body(recording.body))
+    return encoded
+
+
+def _decode_recording(item: dict[str, Any]) -> Recording:
+    events = None
+    body = b""
+    if "events" in item:
+        events = tuple(_decode_event(event) for event in item["events"])
+    else:
+        body = decode_body(item)
+    return Recording(
+        status=int(item["status"]),
+        headers={str(k): str(v) for k, v in item["headers"].items()},
+        body=body,
+        events=events,
+        system_fingerprint=item.get("system_fingerprint"),
+        model=item.get("model"),
+        recorded_at=str(item.get("recorded_at", "")),
+        usage=item.get("usage"),
+        duration_ms=float(item.get("duration_ms", 0.0)),
+        drift=item.get("drift"),
+    )
+
+
+def _encode_event(event: SseEvent) -> dict[str, Any]:
+    try:
+        return {"at_ms": round(event.at_ms, 3), "raw": event.raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"at_ms": round(event.at_ms, 3), "raw_base64": base64.b64encode(event.raw).decode()}
+
+
+def _decode_event(item: dict[str, Any]) -> SseEvent:
+    if "raw_base64" in item:
+        raw = base64.b64decode(item["raw_base64"], validate=True)
+    else:
+        raw = str(item["raw"]).encode("utf-8")
+    return SseEvent(at_ms=float(item["at_ms"]), raw=raw)
+
+
+# JSON layouts we can reproduce byte for byte from the parsed value.
+_JSON_LAYOUTS = {"json": 0, "json-indent": orjson.OPT_INDENT_2}
+
+
+def encode_body(body: bytes) -> dict[str, Any]:
+    """Store JSON as JSON (readable in review) whenever the exact bytes can be rebuilt."""
+    stripped = body.rstrip(b"\n")
+    suffix = body[len(stripped):].decode()
+    if stripped[:1] in (b"{", b"["):
+        try:
+            parsed = orjson.loads(stripped)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if parsed is not None:
+            for layout, option in _JSON_LAYOUTS.items():
+                if orjson.dumps(parsed, option=option) == stripped:
+                    encoded: dict[str, Any] = {"body_encoding": layout, "body": parsed}
+                    if suffix:
+                        encoded["body_suffix"] = suffix
+                    return encoded
+    try:
+        return {"body_encoding": "text", "body": body.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"body_encoding": "base64", "body": base64.b64encode(body).decode()}
+
+
+def decode_body(item: dict[str, Any]) -> bytes:
+    encoding = item.get("body_encoding", "text")
+    value = item.get("body", "")
+    if encoding in _JSON_LAYOUTS:
+        return orjson.dumps(value, option=_JSON_LAYOUTS[encoding]) + str(
+            item.get("body_suffix", "")
+        ).encode()
+    if encoding == "text":
+        return str(value).encode("utf-8")
+    if encoding == "base64":
+        return base64.b64decode(str(value), validate=True)
+    raise ValueError(f"unknown body_encoding {encoding!r}")
+
+
+def describe_payload(body: bytes) -> tuple[str | None, str | None, dict[str, Any] | None]:
+    """(system_fingerprint, model, usage) of a JSON response body, where present."""
+    if not body.startswith(b"{"):
+        return None, None, None
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, None, None
+    if not isinstance(parsed, dict):
+        return None, None, None
+    return _describe(parsed)
+
+
+def _describe(parsed: dict[str, Any]) -> tuple[str | None, str | None, dict[str, Any] | None]:
+    source = parsed.get("response") if isinstance(parsed.get("response"), dict) else parsed
+    assert isinstance(source, dict)
+    fingerprint = source.get("system_fingerprint") or None
+    model = source.get("model") if isinstance(source.get("model"), str) else None
+    usage = source.get("usage") if isinstance(source.get("usage"), dict) else None
+    return fingerprint, model, usage
+
+
+def describe_events(events: tuple[SseEvent, ...]) -> tuple[str | None, str | None,
+                                                            dict[str, Any] | None]:
+    """The first non-empty fingerprint and model, and the last usage, across stream events."""
+    fingerprint: str | None = None
+    model: str | None = None
+    usage: dict[str, Any] | None = None
+    for event in events:
+        data = event_data(event.raw)
+        if not data or data == b"[DONE]" or not data.startswith(b"{"):
+            continue
+        try:
+            parsed = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(parsed, dict):
+            continue
+        event_fingerprint, event_model, event_usage = _describe(parsed)
+        fingerprint = fingerprint or event_fingerprint
+        model = model or event_model
+        usage = event_usage or usage
+    return fingerprint, model, usage

@@ -1,0 +1,57 @@
+"""The one settings object, built once by the CLI or the pytest plugin and passed down."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .canonical import KeyPolicy
+from .modes import Mode
+
+DEFAULT_PORT = 8787
+DEFAULT_MAX_BODY = 32 * 1024 * 1024
+OPENAI_UPSTREAM = "https://api.openai.com"
+
+
+@dataclass(frozen=True)
+class ReplayTiming:
+    """How fast recorded streams are replayed: 0 = at once, 1.0 = as recorded, 2.0 = twice as fast."""
+
+    speed: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> ReplayTiming:
+        value = text.strip().lower()
+        if value == "none":
+            return cls(0.0)
+        if value == "recorded":
+            return cls(1.0)
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)x", value)
+        if match and float(match.group(1)) > 0:
+            return cls(float(match.group(1)))
+        raise ValueError(f"replay timing {text!r}: use none, recorded, or a speed such as 2x")
+
+
+@dataclass(frozen=True)
+class Settings:
+    cassettes: Path = Path("cassettes")
+    store: str | None = None  # None: the directory store on `cassettes`
+    mode: Mode = Mode.AUTO
+    default_cassette: str = "default"
+    openai_upstream: str = OPENAI_UPSTREAM
+    azure_upstream: str | None = None
+    openai_api_key: str | None = None
+    azure_api_key: str | None = None
+    record_errors: bool = False
+    key_policy: KeyPolicy = field(default_factory=KeyPolicy)
+    max_body: int = DEFAULT_MAX_BODY
+    fingerprint: str = "pinned"
+    replay_timing: ReplayTiming = field(default_factory=ReplayTiming)
+    inject_seed: int | None = None
+    upstream_timeout: float = 600.0
+    auth_token: str | None = None
+
+    @property
+    def store_spec(self) -> str:
+        return self.store or str(self.cassettes)

@@ -1,0 +1,142 @@
+"""Why a request missed: the nearest recorded request and the exact fields that differ. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+_MISSING = object()
+_SHOWN = 60  # characters of context kept around the first difference of two strings
+
+
+@dataclass(frozen=True)
+class Difference:
+    path: str
+    recorded: Any
+    requested: Any
+
+    def render(self) -> str:
+        recorded, requested = _show_pair(self.recorded, self.requested)
+        return f"{self.path}: {recorded} -> {requested}"
+
+
+@dataclass(frozen=True)
+class Nearest:
+    label: str
+    key: str
+    differences: tuple[Difference, ...]
+
+
+def differences(recorded: Any, requested: Any, path: str = "") -> list[Difference]:
+    if isinstance(recorded, Mapping) and isinstance(requested, Mapping):
+        found: list[Difference] = []
+        for name in sorted(set(recorded) | set(requested), key=str):
+            child = f"{path}.{name}" if path else str(name)
+            found += differences(recorded.get(name, _MISSING), requested.get(name, _MISSING), child)
+        return found
+    if isinstance(recorded, list) and isinstance(requested, list):
+        found = []
+        for index in range(max(len(recorded), len(requested))):
+            left = recorded[index] if index < len(recorded) else _MISSING
+            right = requested[index] if index < len(requested) else _MISSING
+            found += differences(left, right, f"{path}[{index}]")
+        return found
+    if recorded == requested and type(recorded) is type(requested):
+        return []
+    return [Difference(path or "(request)", recorded, requested)]
+
+
+def nearest(requested: Mapping[str, Any],
+            candidates: Iterable[tuple[str, str, Mapping[str, Any]]]) -> Nearest | None:
+    """The candidate (label, key, canonical request) with the fewest differing fields."""
+    best: Nearest | None = None
+    for label, key, recorded in candidates:
+        found = tuple(differences(_view(recorded), _view(requested)))
+        score = _score(found)
+        if best is None or score < _score(best.differences):
+            best = Nearest(label, key, found)
+    return best
+
+
+def _view(canonical: Mapping[str, Any]) -> dict[str, Any]:
+    """Body fields at the top level, where users know them (`temperature`, not `body.temperature`)."""
+    view = {name: value for name, value in canonical.items() if name != "body"}
+    body = canonical.get("body")
+    if isinstance(body, Mapping) and "multipart" not in body and "sha256" not in body:
+        for name, value in body.items():
+            view[name if name not in view else f"body.{name}"] = value
+    else:
+        view["body"] = body
+    return view
+
+
+def _score(found: tuple[Difference, ...]) -> tuple[int, int]:
+    structural = sum(1 for d in found if d.path in ("provider", "method", "route", "deployment"))
+    return structural, len(found)
+
+
+def explain_miss(cassette: str, canonical: Mapping[str, Any], key: str,
+                 candidates: Iterable[tuple[str, str, Mapping[str, Any]]]) -> str:
+    route = f"{canonical.get('method')} {canonical.get('route')}"
+    where = f" (deployment {canonical['deployment']})" if canonical.get("deployment") else ""
+    head = (f"Replay miss: cassette '{cassette}' has no recording for {route}{where} "
+            f"with key {key[:16]}.")
+    best = nearest(canonical, candidates)
+    if best is None:
+        tail = " The cassette is empty."
+    else:
+        shown = "; ".join(d.render() for d in best.differences[:8])
+        more = len(best.differences) - 8
+        if more > 0:
+            shown += f"; and {more} more"
+        tail = (f" Nearest recorded request: {best.label} (key {best.key[:16]}), which differs in "
+                f"{len(best.differences)} field(s): {shown}.")
+    advice = (" To record it, run the proxy with --mode record (or unset CI for --mode auto); to"
+              " ignore a field that should not matter, pass --ignore-field NAME.")
+    return head + tail + advice
+
+
+def _show_pair(recorded: Any, requested: Any) -> tuple[str, str]:
+    if isinstance(recorded, str) and isinstance(requested, str):
+        return _clip_pair(recorded, requested)
+    return _show(recorded), _show(requested)
+
+
+def _show(value: Any) -> str:
+    if value is _MISSING:
+        return "(absent)"
+    if isinstance(value, str):
+        text = value if len(value) <= _SHOWN else value[:_SHOWN] + "..."
+        return f'"{text}"'
+    rendered = repr(value) if not isinstance(value, (dict, list)) else _compact(value)
+    return rendered if len(rendered) <= 2 * _SHOWN else rendered[: 2 * _SHOWN] + "..."
+
+
+def _compact(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _clip_pair(left: str, right: str) -> tuple[str, str]:
+    """Both strings cut to a window around where they first differ."""
+    start = 0
+    while start < min(len(left), len(right)) and left[start] == right[start]:
+        start += 1
+    end_left, end_right = len(left), len(right)
+    while end_left > start and end_right > start and left[end_left - 1] == right[end_right - 1]:
+        end_left -= 1
+        end_right -= 1
+    context = 12
+    begin = max(0, start - context)
+
+    def clip(text: str, end: int) -> str:
+        stop = min(len(text), max(end, start) + context)
+        if stop - begin > _SHOWN * 2:
+            stop = begin + _SHOWN * 2
+        prefix = "..." if begin > 0 else ""
+        suffix = "..." if stop < len(text) else ""
+        return f'"{prefix}{text[begin:stop]}{suffix}"'
+
+    return clip(left, end_left), clip(right, end_right)

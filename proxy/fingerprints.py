@@ -1,0 +1,137 @@
+"""Which recording of a key to replay, and whether a fresh answer drifted from the pinned one.
+
+The provider's `system_fingerprint` names the backend configuration that produced an answer.
+A key keeps recordings from several fingerprints; replay picks one by policy, and refresh
+compares each new answer with the pinned recording. Pure.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .cassette import Entry, Recording
+from .sse import event_data
+
+PINNED = "pinned"
+LATEST = "latest"
+
+SAME = "same"
+DRIFT_FINGERPRINT = "drift:fingerprint"
+DRIFT_OUTPUT = "drift:output"
+
+# Fields that differ on every call without the answer changing.
+_VOLATILE = frozenset({"id", "created", "created_at", "system_fingerprint", "completed_at",
+                       "item_id", "response_id", "sequence_number", "obfuscation"})
+
+
+@dataclass(frozen=True)
+class Selection:
+    recording: Recording | None
+    fingerprint: str | None
+    reason: str = ""
+
+
+def select(entry: Entry, policy: str) -> Selection:
+    """`pinned` (the first recording under the pinned fingerprint), `latest`, or a value."""
+    if not entry.recordings:
+        return Selection(None, None, "the key has no recordings")
+    if policy == LATEST:
+        recording = entry.recordings[-1]
+        return Selection(recording, recording.system_fingerprint)
+    wanted = entry.pinned_fingerprint if policy == PINNED else policy
+    for recording in entry.recordings:
+        if recording.system_fingerprint == wanted:
+            return Selection(recording, wanted)
+    if policy == PINNED:
+        recording = entry.recordings[0]
+        return Selection(recording, recording.system_fingerprint)
+    known = ", ".join(str(fp) for fp in entry.fingerprints())
+    return Selection(None, None, f"no recording has fingerprint {wanted}; recorded: {known}")
+
+
+def classify(pinned: Recording | None, fresh: Recording) -> str:
+    if pinned is None:
+        return SAME
+    if fresh.system_fingerprint != pinned.system_fingerprint:
+        return DRIFT_FINGERPRINT
+    return SAME if answer(pinned) == answer(fresh) else DRIFT_OUTPUT
+
+
+def answer(recording: Recording) -> Any:
+    """What the model said, without ids, timestamps and fingerprints."""
+    if recording.events is not None:
+        text = answer_text(recording)
+        if text:
+            return text
+        return [_strip(_parse(event_data(e.raw) or b"")) for e in recording.events]
+    return (recording.status, _strip(_parse(recording.body)))
+
+
+def answer_text(recording: Recording) -> str:
+    """The generated text, joined across choices or stream deltas; empty when there is none."""
+    if recording.events is None:
+        return _text_of(_parse(recording.body))
+    pieces: list[str] = []
+    for event in recording.events:
+        data = _parse(event_data(event.raw) or b"")
+        if not isinstance(data, dict):
+            continue
+        if data.get("type") == "response.output_text.delta":
+            pieces.append(str(data.get("delta", "")))
+        for choice in data.get("choices") or []:
+            delta = choice.get("delta") or {}
+            pieces.append(str(delta.get("content") or choice.get("text") or ""))
+    return "".join(pieces)
+
+
+def _text_of(body: Any) -> str:
+    if not isinstance(body, dict):
+        return ""
+    pieces: list[str] = []
+    for choice in body.get("choices") or []:
+        message = choice.get("message") or {}
+        pieces.append(str(message.get("content") or choice.get("text") or ""))
+    for item in body.get("output") or []:
+        for content in item.get("content") or [] if isinstance(item, dict) else []:
+            if isinstance(content, dict) and content.get("type") == "output_text":
+                pieces.append(str(content.get("text", "")))
+    return "".join(pieces)
+
+
+def word_diff(old: str, new: str) -> str:
+    """`[-removed-]{+added+}` word-level diff, as `git diff --word-diff` shows it."""
+    before, after = old.split(), new.split()
+    out: list[str] = []
+    matcher = difflib.SequenceMatcher(a=before, b=after, autojunk=False)
+    for op, a0, a1, b0, b1 in matcher.get_opcodes():
+        if op == "equal":
+            out.extend(before[a0:a1])
+            continue
+        if a1 > a0:
+            out.append("[-" + " ".join(before[a0:a1]) + "-]")
+        if b1 > b0:
+            out.append("{+" + " ".join(after[b0:b1]) + "+}")
+    return " ".join(out)
+
+
+def similarity(left: str, right: str) -> float:
+    return difflib.SequenceMatcher(a=left.split(), b=right.split(), autojunk=False).ratio()
+
+
+def _parse(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw.decode("utf-8", "replace")
+
+
+def _strip(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in _VOLATILE}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value

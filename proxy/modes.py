@@ -1,0 +1,43 @@
+"""Record modes and what each does with a hit or a miss. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import Enum
+
+
+class Mode(str, Enum):
+    RECORD = "record"  # replay hits, forward and store misses
+    REPLAY = "replay"  # replay hits, refuse misses: never reaches upstream
+    PASSTHROUGH = "passthrough"  # forward everything, store nothing
+    REFRESH = "refresh"  # forward everything, store each answer and compare it to the pinned one
+    AUTO = "auto"  # replay when CI is set, record otherwise
+
+
+class Action(str, Enum):
+    REPLAY = "replay"
+    RECORD = "record"
+    FORWARD = "forward"
+    MISS = "miss"
+
+
+def is_ci(environ: Mapping[str, str]) -> bool:
+    return environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_mode(mode: Mode, environ: Mapping[str, str]) -> Mode:
+    if mode is Mode.AUTO:
+        return Mode.REPLAY if is_ci(environ) else Mode.RECORD
+    return mode
+
+
+def decide(mode: Mode, has_recording: bool) -> Action:
+    if mode is Mode.PASSTHROUGH:
+        return Action.FORWARD
+    if mode is Mode.REFRESH:
+        return Action.RECORD
+    if has_recording:
+        return Action.REPLAY
+    if mode is Mode.REPLAY:
+        return Action.MISS
+    return Action.RECORD

@@ -1,0 +1,1 @@
+"""pytest plugin: per-test cassettes through an in-process replay-proxy."""

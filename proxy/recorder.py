@@ -1,0 +1,174 @@
+"""Forward a request upstream, tee the answer to the waiting clients, and store it once whole.
+
+Nothing is stored until the upstream exchange has completed cleanly: a full body, or a stream
+that reached `[DONE]` or a clean end. Stored copies are scrubbed of credentials first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+from typing import Any
+
+import aiohttp
+import orjson
+
+from . import fingerprints
+from .cassette import (
+    REPLAYED_HEADERS,
+    Entry,
+    Recording,
+    SseEvent,
+    describe_events,
+    describe_payload,
+    now_iso,
+)
+from .errors import UpstreamError
+from .modes import Action, Mode
+from .providers import Route
+from .scrub import scrub, scrub_text
+from .singleflight import Flight, FlightCut, Head
+from .sse import EventSplitter, is_done
+from .state import ProxyState
+
+TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
+_LIVE_DROPPED = frozenset({
+    "content-length", "content-encoding", "transfer-encoding", "connection", "keep-alive",
+    "server", "date",
+})
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """A request ready to be forwarded, and where its answer would be stored."""
+
+    cassette: str
+    key: str
+    route: Route
+    method: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+    canonical: dict[str, Any]
+    action: Action
+    mode: Mode
+    secrets: tuple[bytes, ...]
+
+
+def storable(status: int, record_errors: bool) -> bool:
+    if 200 <= status < 300:
+        return True
+    transient = status >= 500 or status in TRANSIENT_STATUSES
+    return record_errors and not transient
+
+
+def live_headers(upstream_headers: Any) -> dict[str, str]:
+    return {
+        name: value for name, value in upstream_headers.items()
+        if name.lower() not in _LIVE_DROPPED
+    }
+
+
+def stored_headers(upstream_headers: Any) -> dict[str, str]:
+    return {
+        name.lower(): value for name, value in upstream_headers.items()
+        if name.lower() in REPLAYED_HEADERS
+    }
+
+
+async def pump(state: ProxyState, exchange: Exchange, flight: Flight) -> None:
+    assert state.upstream is not None
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    response = await state.upstream.send(
+        exchange.method, exchange.route, exchange.query, exchange.headers, exchange.body
+    )
+    state.count(exchange.cassette, "upstream_calls")
+    async with response:
+        keep = exchange.action is Action.RECORD and storable(
+            response.status, state.settings.record_errors
+        )
+        replay_status = "recorded" if keep else "passthrough"
+        content_type = response.headers.get("content-type", "")
+        headers = live_headers(response.headers)
+        if not content_type.startswith("text/event-stream"):
+            try:
+                body = await response.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise UpstreamError(
+                    f"The upstream broke off its answer for {exchange.route.route} mid-body "
+                    f"({exc.__class__.__name__}); nothing was stored.",
+                    code="upstream_cut",
+                ) from exc
+            drift = None
+            if keep:
+                fingerprint, model, usage = describe_payload(body)
+                recording = Recording(
+                    status=response.status,
+                    headers=stored_headers(response.headers),
+                    body=scrub(body, exchange.secrets),
+                    system_fingerprint=fingerprint, model=model, usage=usage,
+                    recorded_at=now_iso(), duration_ms=(loop.time() - started) * 1000,
+                )
+                drift = await commit(state, exchange, recording)
+            flight.start(Head(response.status, headers, False, replay_status, drift))
+            flight.push(body)
+            flight.finish()
+            return
+
+        flight.start(Head(response.status, headers, True, replay_status))
+        splitter = EventSplitter()
+        events: list[SseEvent] = []
+        saw_done = False
+        try:
+            async for chunk in response.content.iter_any():
+                flight.push(chunk)
+                at_ms = (loop.time() - started) * 1000
+                for raw in splitter.feed(chunk):
+                    events.append(SseEvent(at_ms, raw))
+                    saw_done = saw_done or is_done(raw)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise FlightCut(f"upstream stream cut: {exc.__class__.__name__}") from exc
+        if not saw_done and not response.content.is_eof():
+            raise FlightCut("upstream stream ended early")
+        remainder = splitter.remainder()
+        if remainder:
+            events.append(SseEvent((loop.time() - started) * 1000, remainder))
+        if keep:
+            scrubbed = tuple(replace(e, raw=scrub(e.raw, exchange.secrets)) for e in events)
+            fingerprint, model, usage = describe_events(scrubbed)
+            await commit(state, exchange, Recording(
+                status=response.status, headers=stored_headers(response.headers),
+                events=scrubbed, system_fingerprint=fingerprint, model=model, usage=usage,
+                recorded_at=now_iso(), duration_ms=(loop.time() - started) * 1000,
+            ))
+        flight.finish()
+
+
+async def commit(state: ProxyState, exchange: Exchange, recording: Recording) -> str | None:
+    """Add the recording to its key, classifying it against the pinned one in refresh mode."""
+    existing = await state.store.get(exchange.cassette, exchange.key, exchange.route.label)
+    drift = None
+    if existing is None:
+        request = _scrubbed_request(exchange)
+        entry = Entry(exchange.key, exchange.route.label, request).add(recording)
+    else:
+        if exchange.mode is Mode.REFRESH:
+            pinned = fingerprints.select(existing, fingerprints.PINNED).recording
+            drift = fingerprints.classify(pinned, recording)
+            recording = replace(recording, drift=drift)
+            state.count(exchange.cassette, drift)
+        entry = existing.add(recording)
+    await state.store.put(exchange.cassette, entry)
+    state.remember(exchange.cassette, entry)
+    state.count(exchange.cassette, "recorded")
+    return drift
+
+
+def _scrubbed_request(exchange: Exchange) -> dict[str, Any]:
+    text = orjson.dumps(exchange.canonical).decode()
+    cleaned = scrub_text(text, exchange.secrets)
+    if cleaned == text:
+        return exchange.canonical
+    loaded: dict[str, Any] = orjson.loads(cleaned)
+    return loaded

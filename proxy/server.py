@@ -1,0 +1,298 @@
+"""The aiohttp application: parse a request, key it, then replay, record or refuse it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import unquote
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from . import fingerprints
+from .canonical import IncomingRequest, canonical_request, request_key
+from .cassette import Recording
+from .config import Settings
+from .errors import ProxyError, ReplayMiss
+from .explain import explain_miss
+from .modes import Action, Mode, decide, resolve_mode
+from .providers import Route, parse_route, split_cassette_prefix, validate_cassette_name
+from .recorder import Exchange, pump
+from .scrub import secret_values
+from .singleflight import Flight, FlightCut
+from .state import ProxyState
+from .store import open_store
+from .upstream import Upstream, client_timeout
+
+log = logging.getLogger("replay_proxy")
+
+STATE = web.AppKey("replay_state", ProxyState)
+CASSETTE_HEADER = "x-replay-cassette"
+FINGERPRINT_HEADER = "x-replay-fingerprint"
+SEEDED_ROUTES = frozenset({"chat/completions", "completions"})
+_UNSAFE_RAW = ("%2f", "%5c", "%2e", "%00")
+_MAX_HEADER_BYTES = 64 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(settings: Settings, environ: dict[str, str] | None = None) -> web.Application:
+    environ = dict(os.environ) if environ is None else environ
+    state = ProxyState(
+        settings=settings,
+        store=open_store(settings.store_spec),
+        mode=resolve_mode(settings.mode, environ),
+    )
+    app = web.Application(
+        middlewares=[_errors],
+        client_max_size=settings.max_body + 1,
+        handler_args={"max_field_size": _MAX_HEADER_BYTES, "max_line_size": _MAX_HEADER_BYTES},
+    )
+    app[STATE] = state
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_get("/_replay/health", _health)
+    app.router.add_get("/_replay/stats", _stats)
+    app.router.add_route("*", "/{tail:.*}", _handle)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    session = aiohttp.ClientSession(
+        timeout=client_timeout(state.settings), auto_decompress=True,
+        connector=aiohttp.TCPConnector(limit=256, force_close=False),
+    )
+    state.upstream = Upstream(state.settings, session)
+    yield
+    await state.flights.close()
+    await session.close()
+    await state.store.close()
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ProxyError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        reason = exc.text or exc.reason
+        if exc.status == 413:
+            reason = (f"The request body is larger than --max-body "
+                      f"({request.app[STATE].settings.max_body} bytes).")
+        return error_response(ProxyError(reason, status=exc.status, code=f"http_{exc.status}"))
+    except Exception as exc:
+        log.exception("unexpected error while handling %s %s", request.method, request.path)
+        return error_response(ProxyError(
+            f"replay-proxy hit an internal error ({exc.__class__.__name__}: {exc}). Nothing was "
+            "stored for this request; please report it with the proxy's log.",
+            status=500, type="server_error", code="proxy_internal_error",
+        ))
+
+
+def error_response(exc: ProxyError, headers: dict[str, str] | None = None) -> web.Response:
+    all_headers = {"X-Replay-Status": "error", "x-should-retry": "false", **(headers or {})}
+    return web.Response(status=exc.status, body=exc.body(), content_type="application/json",
+                        headers=all_headers)
+
+
+async def _health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response({"status": "ok", "mode": state.mode.value,
+                              "store": state.store.description}, dumps=_dumps)
+
+
+async def _stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE].snapshot(), dumps=_dumps)
+
+
+def _dumps(value: object) -> str:
+    return orjson.dumps(value).decode()
+
+
+async def _handle(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    settings = state.settings
+    _authorise(request, settings)
+    cassette, route, query = _locate(request, settings)
+    body = await _read_body(request, settings.max_body)
+    headers = {name.lower(): value for name, value in request.headers.items()}
+    body = _inject_seed(route, headers, body, settings.inject_seed)
+    incoming = IncomingRequest(request.method, route, tuple(query.items()), headers, body)
+    canonical = canonical_request(incoming, settings.key_policy)
+    key = request_key(canonical)
+    base_headers = {"X-Replay-Key": key, "X-Replay-Cassette": cassette}
+    mode = state.mode_for(cassette)
+
+    selection = None
+    if mode in (Mode.RECORD, Mode.REPLAY):
+        entry = await state.entry(cassette, key, route.label)
+        if entry is not None:
+            policy = state.fingerprint_for(cassette, headers.get(FINGERPRINT_HEADER))
+            selection = fingerprints.select(entry, policy)
+            if selection.recording is None:
+                state.count(cassette, "misses")
+                raise ReplayMiss(
+                    f"Replay miss: cassette '{cassette}' has key {key[:16]} for "
+                    f"{request.method} {route.route}, but {selection.reason}. Choose a recorded "
+                    "fingerprint, or drop the X-Replay-Fingerprint header / --fingerprint value.",
+                    code="fingerprint_not_recorded",
+                )
+    action = decide(mode, selection is not None and selection.recording is not None)
+
+    if action is Action.REPLAY:
+        assert selection is not None and selection.recording is not None
+        state.count(cassette, "hits")
+        state.used[(cassette, key)] = ""
+        usage = selection.recording.usage or {}
+        if isinstance(usage.get("total_tokens"), int):
+            state.count(cassette, "tokens_replayed", usage["total_tokens"])
+        fingerprint_header = {"X-Replay-Fingerprint": selection.fingerprint or ""}
+        return await _replay(request, selection.recording, {
+            **base_headers, **fingerprint_header, "X-Replay-Status": "hit"})
+
+    if action is Action.MISS:
+        state.count(cassette, "misses")
+        candidates = [
+            (item.label, item.key, item.entry.request)
+            for item in await state.store.items(cassette) if item.entry is not None
+        ]
+        message = explain_miss(cassette, canonical, key, candidates)
+        return error_response(ReplayMiss(message), {**base_headers, "X-Replay-Status": "miss"})
+
+    exchange = Exchange(
+        cassette=cassette, key=key, route=route, method=request.method, query=query,
+        headers=headers, body=body, canonical=canonical, action=action, mode=mode,
+        secrets=tuple(secret_values(headers)),
+    )
+    flight_name = f"{cassette}\x1f{key}" if action is Action.RECORD else f"pass\x1f{id(request)}"
+    flight = state.flights.join(flight_name, lambda flight: pump(state, exchange, flight))
+    return await _follow(request, flight, base_headers)
+
+
+def _authorise(request: web.Request, settings: Settings) -> None:
+    if settings.auth_token is None:
+        return
+    presented = request.headers.get("api-key") or ""
+    authorization = request.headers.get("Authorization", "")
+    if authorization.lower().startswith("bearer "):
+        presented = authorization[7:].strip()
+    if presented != settings.auth_token:
+        raise ProxyError(
+            "This replay-proxy requires its access token: pass the value of --auth-token as "
+            "your API key (Authorization: Bearer <token> or api-key: <token>).",
+            status=401, code="invalid_proxy_token",
+        )
+
+
+def _locate(request: web.Request, settings: Settings) -> tuple[str, Route, dict[str, str]]:
+    raw_path = request.rel_url.raw_path
+    cassette, api_path = split_cassette_prefix(raw_path)
+    if cassette is None:
+        header = request.headers.get(CASSETTE_HEADER)
+        cassette = validate_cassette_name(header) if header is not None else settings.default_cassette
+    query = {name: value for name, value in request.rel_url.query.items()}
+    route = None
+    if not any(marker in api_path.lower() for marker in _UNSAFE_RAW):
+        route = parse_route(unquote(api_path), query)
+    if route is None:
+        raise ProxyError(
+            f"Invalid URL ({request.method} {request.rel_url.path}). replay-proxy serves the "
+            "OpenAI API under /v1/... and Azure OpenAI under /openai/...; set OPENAI_BASE_URL to "
+            "http://HOST:PORT/v1 (or /c/<cassette>/v1).",
+            status=404, code="unknown_url",
+        )
+    return cassette, route, query
+
+
+async def _read_body(request: web.Request, max_body: int) -> bytes:
+    declared = request.content_length
+    too_big = ProxyError(
+        f"The request body is larger than --max-body ({max_body} bytes); raise --max-body to "
+        "proxy larger requests.",
+        status=413, code="request_too_large",
+    )
+    if declared is not None and declared > max_body:
+        raise too_big
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > max_body:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _inject_seed(route: Route, headers: dict[str, str], body: bytes, seed: int | None) -> bytes:
+    """With --inject-seed, add `seed` to chat and completions requests that lack one."""
+    if seed is None or route.route not in SEEDED_ROUTES or not body.startswith(b"{"):
+        return body
+    if headers.get("content-encoding", "identity") != "identity":
+        return body
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body
+    if not isinstance(parsed, dict) or parsed.get("seed") is not None:
+        return body
+    parsed["seed"] = seed
+    return orjson.dumps(parsed)
+
+
+async def _replay(request: web.Request, recording: Recording,
+                  headers: dict[str, str]) -> web.StreamResponse:
+    all_headers = {**recording.headers, **headers}
+    if recording.events is None:
+        return web.Response(status=recording.status, body=recording.body, headers=all_headers)
+    response = web.StreamResponse(status=recording.status, headers=all_headers)
+    await response.prepare(request)
+    speed = request.app[STATE].settings.replay_timing.speed
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        for event in recording.events:
+            if speed > 0:
+                delay = started + event.at_ms / 1000 / speed - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await response.write(event.raw)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        return response
+    await response.write_eof()
+    return response
+
+
+async def _follow(request: web.Request, flight: Flight, base_headers: dict[str, str]
+                  ) -> web.StreamResponse:
+    flights = request.app[STATE].flights
+    try:
+        try:
+            head = await flight.wait_head()
+        except ProxyError as exc:
+            return error_response(exc, base_headers)
+        headers = {**head.headers, **base_headers, "X-Replay-Status": head.replay_status}
+        if head.drift:
+            headers["X-Replay-Drift"] = head.drift
+        if not head.is_stream:
+            body = b"".join([chunk async for chunk in flight.follow()])
+            return web.Response(status=head.status, body=body, headers=headers)
+        response = web.StreamResponse(status=head.status, headers=headers)
+        await response.prepare(request)
+        try:
+            async for chunk in flight.follow():
+                await response.write(chunk)
+        except FlightCut:
+            # Show the client the cut as it happened: close without the final chunk.
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            return response
+        await response.write_eof()
+        return response
+    finally:
+        flights.leave(flight)

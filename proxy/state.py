@@ -1,0 +1,81 @@
+"""What a running proxy holds: settings, store, in-flight calls, recent entries and counters."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .cassette import Entry
+from .config import Settings
+from .modes import Mode
+from .singleflight import SingleFlight
+from .store import Store
+from .upstream import Upstream
+
+_CACHE_LIMIT = 20_000
+
+
+@dataclass(frozen=True)
+class CassetteOptions:
+    """Per-cassette overrides, set by the pytest plugin for one test."""
+
+    mode: Mode | None = None
+    fingerprint: str | None = None
+
+
+@dataclass
+class ProxyState:
+    settings: Settings
+    store: Store
+    mode: Mode  # resolved: never AUTO
+    upstream: Upstream | None = None
+    flights: SingleFlight = field(default_factory=SingleFlight)
+    overrides: dict[str, CassetteOptions] = field(default_factory=dict)
+    totals: Counter[str] = field(default_factory=Counter)
+    by_cassette: dict[str, Counter[str]] = field(default_factory=dict)
+    used: dict[tuple[str, str], str] = field(default_factory=dict)
+    _entries: dict[tuple[str, str], Entry] = field(default_factory=dict)
+
+    def count(self, cassette: str, event: str, amount: int = 1) -> None:
+        self.totals[event] += amount
+        self.by_cassette.setdefault(cassette, Counter())[event] += amount
+
+    def mode_for(self, cassette: str) -> Mode:
+        override = self.overrides.get(cassette)
+        return override.mode if override and override.mode else self.mode
+
+    def fingerprint_for(self, cassette: str, requested: str | None) -> str:
+        if requested:
+            return requested
+        override = self.overrides.get(cassette)
+        return override.fingerprint if override and override.fingerprint else self.settings.fingerprint
+
+    async def entry(self, cassette: str, key: str, label: str) -> Entry | None:
+        cached = self._entries.get((cassette, key))
+        if cached is not None:
+            return cached
+        entry = await self.store.get(cassette, key, label)
+        if entry is not None:
+            self.remember(cassette, entry)
+        return entry
+
+    def remember(self, cassette: str, entry: Entry) -> None:
+        if len(self._entries) >= _CACHE_LIMIT:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[(cassette, entry.key)] = entry
+
+    def forget(self, cassette: str | None = None) -> None:
+        if cassette is None:
+            self._entries.clear()
+            return
+        for name in [name for name in self._entries if name[0] == cassette]:
+            del self._entries[name]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode.value,
+            "store": self.store.description,
+            "totals": dict(self.totals),
+            "cassettes": {name: dict(counts) for name, counts in self.by_cassette.items()},
+        }

@@ -1,0 +1,7 @@
+"""Where entries live. Every backend speaks the same small Protocol, proven by one contract suite."""
+
+from __future__ import annotations
+
+from .base import Store, StoredItem, open_store
+
+__all__ = ["Store", "StoredItem", "open_store"]

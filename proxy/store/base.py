@@ -1,0 +1,57 @@
+"""The store Protocol and the factory that turns a `--store` value into a backend."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..cassette import Entry
+from ..errors import CassetteError
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """One key of one cassette as listed by a store: the entry, or why it cannot be read."""
+
+    cassette: str
+    label: str
+    key: str
+    entry: Entry | None
+    error: CassetteError | None = None
+    size: int = 0
+
+
+class Store(Protocol):
+    """Entries by (cassette, key). `label` is the readable route prefix used in names."""
+
+    description: str
+
+    async def get(self, cassette: str, key: str, label: str) -> Entry | None: ...
+
+    async def put(self, cassette: str, entry: Entry) -> None: ...
+
+    async def delete(self, cassette: str, key: str, label: str) -> bool: ...
+
+    async def cassettes(self) -> list[str]: ...
+
+    async def items(self, cassette: str) -> Sequence[StoredItem]: ...
+
+    async def close(self) -> None: ...
+
+
+def open_store(spec: str | Path) -> Store:
+    """`./cassettes` (a directory), `diskcache:PATH` or `redis://host:port/db`."""
+    text = str(spec)
+    if text.startswith("diskcache:"):
+        from .diskcache_store import DiskcacheStore
+
+        return DiskcacheStore(Path(text[len("diskcache:"):]))
+    if text.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"--store {text}: the Redis store is not available in this version.")
+    if text.startswith("dir:"):
+        text = text[len("dir:"):]
+    from .directory import DirectoryStore
+
+    return DirectoryStore(Path(text))

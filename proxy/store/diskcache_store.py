@@ -1,0 +1,62 @@
+"""Entries in a diskcache (SQLite-backed) cache: a fast local store outside the repository."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import diskcache
+
+from ..cassette import Entry, decode_entry, encode_entry
+from ..errors import CassetteError
+from .base import StoredItem
+
+_SEPARATOR = "\x1f"
+
+
+class DiskcacheStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.description = f"diskcache:{path}"
+        self._cache = diskcache.Cache(str(path))
+
+    def _name(self, cassette: str, key: str) -> str:
+        return f"{cassette}{_SEPARATOR}{key}"
+
+    async def get(self, cassette: str, key: str, label: str) -> Entry | None:
+        raw = self._cache.get(self._name(cassette, key))
+        if raw is None:
+            return None
+        return decode_entry(bytes(raw), f"{self.description} [{cassette}/{label}-{key}]")
+
+    async def put(self, cassette: str, entry: Entry) -> None:
+        self._cache.set(self._name(cassette, entry.key), encode_entry(entry))
+
+    async def delete(self, cassette: str, key: str, label: str) -> bool:
+        return bool(self._cache.delete(self._name(cassette, key)))
+
+    async def cassettes(self) -> list[str]:
+        names = {str(name).split(_SEPARATOR)[0] for name in self._cache.iterkeys()}
+        return sorted(names)
+
+    async def items(self, cassette: str) -> Sequence[StoredItem]:
+        prefix = cassette + _SEPARATOR
+        found = []
+        for name in sorted(str(n) for n in self._cache.iterkeys()):
+            if not name.startswith(prefix):
+                continue
+            key = name[len(prefix):]
+            raw = self._cache.get(name)
+            if raw is None:
+                continue
+            raw = bytes(raw)
+            try:
+                entry = decode_entry(raw, f"{self.description} [{cassette}/{key}]")
+            except CassetteError as exc:
+                found.append(StoredItem(cassette, "", key, None, exc, len(raw)))
+                continue
+            found.append(StoredItem(cassette, entry.label, key, entry, None, len(raw)))
+        return found
+
+    async def close(self) -> None:
+        self._cache.close()

@@ -1,0 +1,101 @@
+"""Helpers for tests that users want too: run the proxy or the simulator in a background thread.
+
+    with run_simulator() as sim, run_proxy(Settings(openai_upstream=sim.url, ...)) as proxy:
+        client = OpenAI(base_url=proxy.url + "/v1", api_key="sk-test")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from aiohttp import web
+
+from .config import Settings
+from .server import STATE, create_app
+from .simulator import SIM_STATE, SimulatorState, create_simulator
+from .state import ProxyState
+
+
+class ServerThread:
+    """An aiohttp application served on 127.0.0.1 from its own thread and event loop."""
+
+    def __init__(self, make_app: Callable[[], web.Application], port: int = 0) -> None:
+        self._make_app = make_app
+        self._requested_port = port
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+        self.app: web.Application | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+        return self
+
+    async def _start(self) -> None:
+        self.app = self._make_app()
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self._requested_port)
+        await site.start()
+        server = site._server
+        assert server is not None and hasattr(server, "sockets")
+        self.port = int(server.sockets[0].getsockname()[1])
+
+    def call(self, coroutine: Any, timeout: float = 30) -> Any:
+        """Run a coroutine on the server's loop (e.g. to read its state safely)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=timeout)
+
+    def stop(self) -> None:
+        if self._loop.is_closed():
+            return
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
+            self._runner = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+
+class ProxyThread(ServerThread):
+    @property
+    def state(self) -> ProxyState:
+        assert self.app is not None
+        return self.app[STATE]
+
+
+class SimulatorThread(ServerThread):
+    @property
+    def state(self) -> SimulatorState:
+        assert self.app is not None
+        return self.app[SIM_STATE]
+
+
+@contextmanager
+def run_proxy(settings: Settings, environ: dict[str, str] | None = None,
+              port: int = 0) -> Iterator[ProxyThread]:
+    server = ProxyThread(lambda: create_app(settings, environ or {}), port)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def run_simulator(state: SimulatorState | None = None, port: int = 0) -> Iterator[SimulatorThread]:
+    server = SimulatorThread(lambda: create_simulator(state), port)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

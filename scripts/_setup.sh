@@ -1,0 +1,28 @@
+# Shared by scripts/serve, scripts/test and scripts/bench: create or update the local virtualenv.
+# Usage: source scripts/_setup.sh [EXTRA]   (EXTRA: test, bench, ...)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PYTHON="${PYTHON:-python3}"
+extra="${1:-}"
+
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+  echo "replay-proxy needs Python 3.10 or newer; set PYTHON=/path/to/python3.x" >&2
+  exit 2
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setting up $VENV ..." >&2
+  "$PYTHON" -m venv "$VENV"
+fi
+spec="."
+[ -n "$extra" ] && spec=".[$extra]"
+# Reinstall only when the dependencies or the requested extra changed.
+stamp="$VENV/.installed-$(echo "$extra" | tr -c 'a-z0-9\n' '_')"
+digest="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
+  echo "installing replay-proxy${extra:+ with [$extra]} into $VENV ..." >&2
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
+  (cd "$ROOT" && "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec") >&2
+  echo "$digest" > "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.config import Settings
+from proxy.modes import Mode
+from proxy.testing import ProxyThread, SimulatorThread, run_proxy, run_simulator
+
+# A key that looks like a real one, so the tests can search the store for it.
+SECRET_KEY = "sk-proj-TESTSECRETkeyDoNotStore1234567890abcdef"
+ORG_ID = "org-TESTORGANISATIONid42"
+PROJECT_ID = "proj_TESTPROJECTid4242"
+
+
+@pytest.fixture
+def simulator() -> Iterator[SimulatorThread]:
+    with run_simulator() as sim:
+        yield sim
+
+
+@pytest.fixture
+def cassettes(tmp_path: Path) -> Path:
+    return tmp_path / "cassettes"
+
+
+ProxyFactory = Callable[..., AbstractContextManager[ProxyThread]]
+
+
+@pytest.fixture
+def make_proxy(simulator: SimulatorThread, cassettes: Path) -> ProxyFactory:
+    """Start a proxy on the test's cassette folder, upstream the simulator; kwargs override."""
+
+    def factory(mode: Mode = Mode.RECORD, **overrides: Any) -> AbstractContextManager[ProxyThread]:
+        settings = Settings(cassettes=cassettes, mode=mode, openai_upstream=simulator.url,
+                            azure_upstream=simulator.url)
+        return run_proxy(replace(settings, **overrides))
+
+    return factory
+
+
+def stored_bytes(root: Path) -> bytes:
+    """Every byte under a store root, for searching it for secrets."""
+    return b"".join(path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file())
