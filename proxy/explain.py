@@ -120,7 +120,9 @@ def _compact(value: Any) -> str:
 
 
 def _clip_pair(left: str, right: str) -> tuple[str, str]:
-    """Both strings cut to a window around where they first differ."""
+    """Both strings cut to a window around where they first differ (short ones shown whole)."""
+    if len(left) <= _SHOWN and len(right) <= _SHOWN:
+        return f'"{left}"', f'"{right}"'
     start = 0
     while start < min(len(left), len(right)) and left[start] == right[start]:
         start += 1

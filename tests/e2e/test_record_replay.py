@@ -135,7 +135,7 @@ def test_changed_parameter_gives_replay_miss_naming_it(make_proxy: ProxyFactory,
     assert error.code == "replay_miss" and error.type == "replay_miss"
     message = str(error.message)
     assert "cassette 'default'" in message and "chat/completions" in message
-    assert 'messages[1].content: "... fact about Mars." -> "... fact about Venus."' in message
+    assert 'messages[1].content: "Name a fact about Mars." -> "Name a fact about Venus."' in message
     assert "temperature: 0.7 -> 0.8" in message
     assert retries == 1, "the SDK must not retry a replay miss"
     assert simulator.state.calls == calls

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.cassette import (
+    FORMAT_VERSION,
+    Entry,
+    Recording,
+    SseEvent,
+    decode_body,
+    decode_entry,
+    encode_body,
+    encode_entry,
+)
+from proxy.errors import CassetteError
+
+
+@pytest.mark.parametrize("body", [
+    b'{"b": 1, "a": [1.5, "\xc3\xa9"]}',  # compact, original key order, raw UTF-8
+    orjson.dumps({"z": 1, "a": {"y": 2}}, option=orjson.OPT_INDENT_2) + b"\n",
+    b'{"a":1}',
+    b'{"a": 1.0}',  # a float spelling orjson would not reproduce: kept as text
+    b'{"a": "\\u00e9"}',  # escaped unicode: kept as text
+    b"plain text",
+    b"\x00\xff binary \x89PNG",
+    b"",
+])
+def test_bodies_round_trip_byte_for_byte(body: bytes) -> None:
+    stored = orjson.loads(orjson.dumps(encode_body(body)))
+    assert decode_body(stored) == body
+
+
+@given(st.binary(max_size=200))
+def test_any_bytes_round_trip(body: bytes) -> None:
+    assert decode_body(orjson.loads(orjson.dumps(encode_body(body)))) == body
+
+
+def test_json_bodies_are_stored_readably() -> None:
+    assert encode_body(b'{"id":"x","object":"chat.completion"}')["body"] == \
+        {"id": "x", "object": "chat.completion"}
+
+
+def _entry() -> Entry:
+    recording = Recording(status=200, headers={"content-type": "application/json"},
+                          body=b'{"id":"b","answer":"yes"}', system_fingerprint="fp_1",
+                          model="gpt", recorded_at="2026-01-01T00:00:00.000Z")
+    stream = Recording(status=200, headers={"content-type": "text/event-stream"},
+                       events=(SseEvent(1.5, b"data: {\"x\":1}\n\n"),
+                               SseEvent(2.0, b"data: [DONE]\n\n")))
+    return Entry("k" * 64, "chat.completions", {"route": "chat/completions", "body": {"b": 1,
+                                                                                     "a": 2}}) \
+        .add(recording).add(stream)
+
+
+def test_entry_round_trips_and_file_is_pretty_and_sorted() -> None:
+    entry = _entry()
+    raw = encode_entry(entry)
+    assert decode_entry(raw, "x.json") == entry
+    text = raw.decode()
+    assert text.startswith('{\n  "format": 1,\n  "key"')
+    assert text.index('"a": 2') < text.index('"b": 1')  # the canonical request is sorted
+    assert entry.pinned_fingerprint == "fp_1"
+    assert decode_entry(raw, "x").recordings[0].body == b'{"id":"b","answer":"yes"}'
+
+
+@pytest.mark.parametrize(("raw", "fragment"), [
+    (b"{ truncated", "not valid JSON"),
+    (b"[]", "does not hold a JSON object"),
+    (b'{"format": 1, "key": "k"}', "missing or has a malformed field"),
+    (b'{"format": "one"}', "no valid format version"),
+])
+def test_corrupt_files_name_themselves(raw: bytes, fragment: str) -> None:
+    with pytest.raises(CassetteError) as caught:
+        decode_entry(raw, "cassettes/default/chat-abc.json")
+    assert "cassettes/default/chat-abc.json" in caught.value.message
+    assert fragment in caught.value.message
+
+
+def test_newer_format_asks_for_an_upgrade() -> None:
+    raw = orjson.dumps({"format": FORMAT_VERSION + 1, "key": "k"})
+    with pytest.raises(CassetteError) as caught:
+        decode_entry(raw, "f.json")
+    assert "Upgrade replay-proxy" in caught.value.message
+    assert caught.value.code == "cassette_format_unsupported"

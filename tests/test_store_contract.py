@@ -1,0 +1,86 @@
+"""One contract, every backend: what the proxy relies on from a store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from proxy.cassette import Entry, Recording, SseEvent
+from proxy.errors import CassetteError
+from proxy.store import Store, open_store
+
+BACKENDS: dict[str, Callable[[Path], str]] = {
+    "directory": lambda tmp: str(tmp / "cassettes"),
+    "diskcache": lambda tmp: f"diskcache:{tmp / 'cache'}",
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    backend = open_store(BACKENDS[request.param](tmp_path))
+    yield backend
+    await backend.close()
+
+
+def entry(key: str, answer: bytes = b'{"answer":1}', label: str = "chat.completions") -> Entry:
+    return Entry(key, label, {"route": "chat/completions", "body": {"seed": 1}}).add(
+        Recording(200, {"content-type": "application/json"}, body=answer,
+                  system_fingerprint="fp_a", recorded_at="t"))
+
+
+async def test_get_missing_is_none(store: Store) -> None:
+    assert await store.get("default", "0" * 64, "chat.completions") is None
+
+
+async def test_put_then_get_round_trips(store: Store) -> None:
+    stream = Entry("s" * 64, "responses", {"route": "responses"}).add(Recording(
+        200, {"content-type": "text/event-stream"},
+        events=(SseEvent(0.5, b"event: a\ndata: {}\n\n"), SseEvent(1.0, b"\xff\x00\n\n"))))
+    binary = entry("b" * 64, answer=b"\x00ID3\xff", label="audio.speech")
+    for item in (entry("a" * 64), stream, binary):
+        await store.put("default", item)
+        assert await store.get("default", item.key, item.label) == item
+
+
+async def test_put_replaces_and_keeps_recordings_in_order(store: Store) -> None:
+    first = entry("a" * 64)
+    await store.put("suite", first)
+    second = first.add(Recording(200, {}, body=b"{}", system_fingerprint="fp_b"))
+    await store.put("suite", second)
+    got = await store.get("suite", first.key, first.label)
+    assert got is not None
+    assert [r.system_fingerprint for r in got.recordings] == ["fp_a", "fp_b"]
+    assert got.pinned_fingerprint == "fp_a"
+
+
+async def test_cassettes_are_separate_and_listed(store: Store) -> None:
+    await store.put("one", entry("a" * 64))
+    await store.put("two/nested", entry("b" * 64))
+    assert await store.cassettes() == ["one", "two/nested"]
+    assert await store.get("two/nested", "a" * 64, "chat.completions") is None
+    assert [item.key for item in await store.items("one")] == ["a" * 64]
+    assert [item.entry for item in await store.items("two/nested")] == [entry("b" * 64)]
+
+
+async def test_delete(store: Store) -> None:
+    await store.put("default", entry("a" * 64))
+    assert await store.delete("default", "a" * 64, "chat.completions") is True
+    assert await store.delete("default", "a" * 64, "chat.completions") is False
+    assert await store.get("default", "a" * 64, "chat.completions") is None
+
+
+async def test_directory_store_names_files_readably_and_reports_corruption(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    await store.put("default", entry("a" * 64))
+    await store.put("default", entry("b" * 64))
+    path = tmp_path / "default" / f"chat.completions-{'a' * 64}.json"
+    assert path.is_file()
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    path.write_bytes(b'{"format": 1, "trunc')
+    with pytest.raises(CassetteError, match=str(path)):
+        await store.get("default", "a" * 64, "chat.completions")
+    assert await store.get("default", "b" * 64, "chat.completions") == entry("b" * 64)
+    items = {item.key: item for item in await store.items("default")}
+    assert items["a" * 64].error is not None and items["b" * 64].entry is not None
