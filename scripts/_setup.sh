@@ -21,8 +21,14 @@ stamp="$VENV/.installed-$(echo "$extra" | tr -c 'a-z0-9\n' '_')"
 digest="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
   echo "installing replay-proxy${extra:+ with [$extra]} into $VENV ..." >&2
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
-  (cd "$ROOT" && "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec") >&2
+  log="$VENV/install.log"
+  if ! { "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip &&
+         (cd "$ROOT" && "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$spec"); } \
+       >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "installing replay-proxy failed; the log above is also in $log" >&2
+    exit 1
+  fi
   echo "$digest" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

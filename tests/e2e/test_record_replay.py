@@ -258,7 +258,7 @@ def test_proxy_key_replaces_client_key(make_proxy: ProxyFactory, simulator: Simu
 def test_sdk_volatile_headers_do_not_change_the_key(make_proxy: ProxyFactory) -> None:
     with make_proxy(Mode.RECORD) as proxy:
         with OpenAI(base_url=proxy.url + "/v1", api_key="sk-one") as client:
-            first = client.chat.completions.with_raw_response.create(**CHAT, seed=1)
+            client.chat.completions.with_raw_response.create(**CHAT, seed=1)
         with OpenAI(base_url=proxy.url + "/v1", api_key="sk-two", default_headers={
                 "X-Stainless-Retry-Count": "2", "User-Agent": "something/else"}) as client:
             second = client.chat.completions.with_raw_response.create(
