@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import sys
@@ -118,7 +119,19 @@ def serve(host: str, port: int, mode: str, cassettes: Path, default_cassette: st
         f"  export OPENAI_BASE_URL=http://{host}:{port}/v1",
         err=True,
     )
-    web.run_app(app, host=host, port=port, access_log=None, print=None)
+    _run(app, host, port)
+
+
+def _run(app: web.Application, host: str, port: int) -> None:
+    try:
+        web.run_app(app, host=host, port=port, access_log=None, print=None)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise click.ClickException(
+                f"{host}:{port} is already in use (another replay-proxy?). Stop it or pass "
+                "--port N."
+            ) from exc
+        raise
 
 
 @main.command()
@@ -137,7 +150,7 @@ def simulate(host: str, port: int, fingerprint: str, api_key: str | None, latenc
                            event_delay=event_delay)
     click.echo(f"simulated OpenAI upstream on http://{host}:{port} (fingerprint {fingerprint}); "
                f"steer it with POST /_sim/state", err=True)
-    web.run_app(create_simulator(state), host=host, port=port, access_log=None, print=None)
+    _run(create_simulator(state), host, port)
 
 
 if __name__ == "__main__":
