@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import click
+import orjson
 from aiohttp import web
 
+from .audit import Upstreams, Verdict
+from .audit import probe as probe_upstream
+from .audit import verify as verify_entries
 from .canonical import KeyPolicy
+from .cassette import Entry, encode_entry
 from .config import DEFAULT_MAX_BODY, DEFAULT_PORT, OPENAI_UPSTREAM, ReplayTiming, Settings
 from .errors import ProxyError
 from .modes import Mode, resolve_mode
 from .providers import validate_cassette_name
+from .report import DRIFTS, drift_rows, ls_row, show_text, table, totals
+from .store import StoredItem, open_store
+from .usage import last_used, read_runs, read_usage, state_dir, used_since
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -153,5 +164,305 @@ def simulate(host: str, port: int, fingerprint: str, api_key: str | None, latenc
     _run(create_simulator(state), host, port)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+
+
+# ---- inspecting and managing cassettes -------------------------------------------------------
+
+def _store_options(command: Callable[..., None]) -> Callable[..., None]:
+    command = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(
+        command)
+    command = click.option("--cassette", default=None,
+                           help="Only this cassette (default: all).")(command)
+    command = click.option("--store", default=None,
+                           help="diskcache:PATH or redis://... instead of the directory.")(command)
+    return click.option("--cassettes", type=click.Path(path_type=Path), default=Path("cassettes"),
+                        show_default=True, help="Root folder of the cassettes.")(command)
+
+
+def _items(cassettes: Path, store: str | None, cassette: str | None) -> list[StoredItem]:
+    async def load() -> list[StoredItem]:
+        backend = open_store(store or cassettes)
+        try:
+            names = [cassette] if cassette else await backend.cassettes()
+            found: list[StoredItem] = []
+            for name in names:
+                found += await backend.items(name)
+            return found
+        finally:
+            await backend.close()
+
+    return asyncio.run(load())
+
+
+def _one(cassettes: Path, store: str | None, cassette: str | None, prefix: str) -> StoredItem:
+    matches = [item for item in _items(cassettes, store, cassette) if item.key.startswith(prefix)]
+    if not matches:
+        raise click.ClickException(f"No key starts with {prefix!r}; `replay-proxy ls` lists them.")
+    if len(matches) > 1:
+        shown = ", ".join(f"{m.cassette}/{m.key[:16]}" for m in matches[:5])
+        raise click.ClickException(f"{prefix!r} matches {len(matches)} keys ({shown}); give more "
+                                   "characters or --cassette.")
+    return matches[0]
+
+
+def _echo_json(value: object) -> None:
+    click.echo(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
+
+
+@main.command("ls")
+@_store_options
+def list_keys(cassettes: Path, store: str | None, cassette: str | None, as_json: bool) -> None:
+    """One row per recorded key."""
+    used = last_used(read_usage(state_dir(cassettes)))
+    rows = [ls_row(item, used) for item in _items(cassettes, store, cassette)]
+    if as_json:
+        _echo_json(rows)
+        return
+    for row in rows:
+        row["key"] = row["key"][:12]
+    click.echo(table(rows, ["cassette", "key", "route", "model", "seed", "temperature",
+                            "fingerprints", "recordings", "last_used", "size", "error"]))
+
+
+@main.command()
+@click.argument("key_prefix")
+@_store_options
+def show(key_prefix: str, cassettes: Path, store: str | None, cassette: str | None,
+         as_json: bool) -> None:
+    """The canonical request and recordings of one key."""
+    item = _one(cassettes, store, cassette, key_prefix)
+    if item.entry is None:
+        raise click.ClickException(item.error.message if item.error else "unreadable entry")
+    if as_json:
+        click.echo(encode_entry(item.entry).decode(), nl=False)
+        return
+    click.echo(show_text(item.cassette, item.entry))
+
+
+@main.command()
+@_store_options
+def drift(cassettes: Path, store: str | None, cassette: str | None, as_json: bool) -> None:
+    """Keys whose answers changed (from refresh or verify --update). Exit 1 when any did."""
+    rows = drift_rows(_items(cassettes, store, cassette))
+    if as_json:
+        _echo_json(rows)
+    elif not rows:
+        click.echo("no drift recorded")
+    for row in rows if not as_json else []:
+        click.echo(f"{row['drift']:<18} {row['cassette']}/{row['key'][:16]} {row['route']}  "
+                   f"{row['fingerprint_old']} -> {row['fingerprint_new']}  "
+                   f"({row['recorded_at']})\n    {row['diff']}")
+    sys.exit(1 if rows else 0)
+
+
+@main.command()
+@_store_options
+@click.option("--openai-upstream", default=OPENAI_UPSTREAM, show_default=True)
+@click.option("--azure-upstream", envvar="AZURE_OPENAI_ENDPOINT", default=None)
+@click.option("--openai-api-key", envvar="OPENAI_API_KEY", default=None, show_envvar=True)
+@click.option("--azure-api-key", envvar="AZURE_OPENAI_API_KEY", default=None, show_envvar=True)
+@click.option("--update", is_flag=True, help="Store each drifted answer as a new recording.")
+@click.option("--concurrency", default=4, show_default=True, type=int)
+def verify(cassettes: Path, store: str | None, cassette: str | None, as_json: bool,
+           openai_upstream: str, azure_upstream: str | None, openai_api_key: str | None,
+           azure_api_key: str | None, update: bool, concurrency: int) -> None:
+    """Re-send every recorded request upstream; report same or drift per key. Exit 1 on drift."""
+    entries = [(i.cassette, i.entry) for i in _items(cassettes, store, cassette) if i.entry]
+    upstreams = Upstreams(openai_upstream, azure_upstream, openai_api_key, azure_api_key)
+    verdicts = asyncio.run(verify_entries(entries, upstreams, concurrency))
+    drifted = [v for v in verdicts if v.result in DRIFTS]
+    if update and drifted:
+        asyncio.run(_store_drift(store or cassettes, dict(entries_by_key(entries)), drifted))
+    if as_json:
+        _echo_json([{"cassette": v.cassette, "key": v.key, "route": v.route, "result": v.result,
+                     "detail": v.detail} for v in verdicts])
+    else:
+        for v in verdicts:
+            click.echo(f"{v.result:<18} {v.cassette}/{v.key[:16]} {v.route}"
+                       + (f"\n    {v.detail}" if v.detail else ""))
+        counts = {name: sum(1 for v in verdicts if v.result == name)
+                  for name in sorted({v.result for v in verdicts})}
+        click.echo("summary: " + (", ".join(f"{n} {k}" for k, n in counts.items()) or "no keys")
+                   + (" (drift stored)" if update and drifted else ""))
+    errors = [v for v in verdicts if v.result == "error"]
+    sys.exit(1 if drifted else 2 if errors else 0)
+
+
+def entries_by_key(entries: list[tuple[str, Entry]]) -> list[tuple[tuple[str, str], Entry]]:
+    return [((cassette, entry.key), entry) for cassette, entry in entries]
+
+
+async def _store_drift(spec: str | Path, entries: dict[tuple[str, str], Entry],
+                       verdicts: list[Verdict]) -> None:
+    backend = open_store(spec)
+    try:
+        for verdict in verdicts:
+            assert verdict.recording is not None
+            entry = entries[(verdict.cassette, verdict.key)]
+            await backend.put(verdict.cassette,
+                              entry.add(replace(verdict.recording, drift=verdict.result)))
+    finally:
+        await backend.close()
+
+
+@main.command()
+@click.option("--base-url", required=True, help="e.g. https://api.openai.com/v1")
+@click.option("--api-key", envvar="OPENAI_API_KEY", required=True, show_envvar=True)
+@click.option("--model", required=True)
+@click.option("--prompt", required=True)
+@click.option("-n", "count", default=5, show_default=True, type=click.IntRange(1, 100))
+@click.option("--seed", type=int, default=None)
+@click.option("--temperature", type=float, default=None)
+@click.option("--max-tokens", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True)
+def probe(base_url: str, api_key: str, model: str, prompt: str, count: int, seed: int | None,
+          temperature: float | None, max_tokens: int | None, as_json: bool) -> None:
+    """The cookbook's seed experiment: one request N times at once, straight upstream."""
+    try:
+        result = asyncio.run(probe_upstream(base_url, api_key, model, prompt, count, seed,
+                                            temperature, max_tokens))
+    except (RuntimeError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        _echo_json(result.as_json())
+        return
+    click.echo(f"{result.n} requests, seed {seed}: {result.distinct_outputs} distinct output(s), "
+               f"fingerprints {', '.join(str(f) for f in result.fingerprints)}, "
+               f"average pairwise similarity {result.similarity:.3f}")
+    for index, output in enumerate(result.outputs):
+        click.echo(f"  {index}: {output}")
+
+
+@main.command()
+@click.argument("key_prefix")
+@click.option("--fingerprint", required=True, help="A system_fingerprint this key has recorded.")
+@click.option("--cassettes", type=click.Path(path_type=Path), default=Path("cassettes"),
+              show_default=True)
+@click.option("--store", default=None)
+@click.option("--cassette", default=None)
+def pin(key_prefix: str, fingerprint: str, cassettes: Path, store: str | None,
+        cassette: str | None) -> None:
+    """Replay this key's recording under FINGERPRINT from now on."""
+    item = _one(cassettes, store, cassette, key_prefix)
+    if item.entry is None:
+        raise click.ClickException(item.error.message if item.error else "unreadable entry")
+    wanted = None if fingerprint == "null" else fingerprint
+    if wanted not in item.entry.fingerprints():
+        known = ", ".join(str(f) for f in item.entry.fingerprints())
+        raise click.ClickException(f"Key {item.key[:16]} has no recording with fingerprint "
+                                   f"{fingerprint}; recorded: {known}.")
+
+    async def save(entry: Entry) -> None:
+        backend = open_store(store or cassettes)
+        try:
+            await backend.put(item.cassette, entry)
+        finally:
+            await backend.close()
+
+    asyncio.run(save(replace(item.entry, pinned_fingerprint=wanted)))
+    click.echo(f"pinned {item.cassette}/{item.key[:16]} to {fingerprint}")
+
+
+@main.command()
+@_store_options
+@click.option("--since-run", default=None,
+              help="Keep keys used by this run or later ones (default: the latest run).")
+@click.option("--dry-run", is_flag=True, help="List what would be deleted, delete nothing.")
+def prune(cassettes: Path, store: str | None, cassette: str | None, as_json: bool,
+          since_run: str | None, dry_run: bool) -> None:
+    """Delete recordings that no request used since a given run (see `replay-proxy stats`)."""
+    directory = state_dir(cassettes)
+    runs = read_runs(directory)
+    if not runs:
+        raise click.ClickException(f"No usage recorded under {directory}: run your suite through "
+                                   "the proxy first, then prune.")
+    since = since_run or str(runs[-1]["run"])
+    try:
+        keep = used_since(read_usage(directory), runs, since)
+    except KeyError as exc:
+        raise click.ClickException(f"Unknown run {since}; `replay-proxy stats` lists runs.") \
+            from exc
+    unused = [item for item in _items(cassettes, store, cassette)
+              if (item.cassette, item.key) not in keep]
+
+    async def delete() -> None:
+        backend = open_store(store or cassettes)
+        try:
+            for item in unused:
+                await backend.delete(item.cassette, item.key, item.label)
+        finally:
+            await backend.close()
+
+    if not dry_run:
+        asyncio.run(delete())
+    if as_json:
+        _echo_json({"since_run": since, "dry_run": dry_run,
+                    "deleted": [{"cassette": i.cassette, "key": i.key} for i in unused]})
+        return
+    verb = "would delete" if dry_run else "deleted"
+    for item in unused:
+        click.echo(f"{verb} {item.cassette}/{item.label}-{item.key[:16]}")
+    click.echo(f"{verb} {len(unused)} key(s) not used since run {since}")
+
+
+@main.command()
+@click.option("--cassettes", type=click.Path(path_type=Path), default=Path("cassettes"),
+              show_default=True)
+@click.option("--run", "run_id", default=None, help="One run (default: every run, and totals).")
+@click.option("--json", "as_json", is_flag=True)
+def stats(cassettes: Path, run_id: str | None, as_json: bool) -> None:
+    """Hits, misses, upstream calls and tokens replayed instead of paid, per run."""
+    runs = read_runs(state_dir(cassettes))
+    if run_id is not None:
+        runs = [run for run in runs if run.get("run") == run_id]
+        if not runs:
+            raise click.ClickException(f"Unknown run {run_id}.")
+    summed = totals(runs)
+    if as_json:
+        _echo_json({"runs": runs, "totals": summed})
+        return
+    columns = ["hits", "misses", "recorded", "upstream_calls", "tokens_replayed"]
+    rows = [{"run": run.get("run"), "mode": run.get("mode"),
+             **{c: (run.get("totals") or {}).get(c, 0) for c in columns}} for run in runs]
+    rows.append({"run": "total", **{c: summed.get(c, 0) for c in columns}})
+    click.echo(table(rows, ["run", "mode", *columns]))
+
+
+def _copy(source: str, target: str, cassette: str | None) -> int:
+    async def run() -> int:
+        origin, destination = open_store(source), open_store(target)
+        copied = 0
+        try:
+            names = [cassette] if cassette else await origin.cassettes()
+            for name in names:
+                for item in await origin.items(name):
+                    if item.entry is None:
+                        raise click.ClickException(item.error.message if item.error
+                                                   else f"unreadable {item.key}")
+                    await destination.put(name, item.entry)
+                    copied += 1
+        finally:
+            await origin.close()
+            await destination.close()
+        return copied
+
+    return asyncio.run(run())
+
+
+@main.command("export")
+@click.option("--from", "source", default="cassettes", show_default=True,
+              help="Store to read: a directory, diskcache:PATH or redis://...")
+@click.option("--to", "target", required=True, help="Store to write.")
+@click.option("--cassette", default=None, help="Only this cassette.")
+def export_command(source: str, target: str, cassette: str | None) -> None:
+    """Copy recordings from one store to another, losslessly."""
+    click.echo(f"copied {_copy(source, target, cassette)} key(s) from {source} to {target}")
+
+
+@main.command("import")
+@click.option("--from", "source", required=True, help="Store to read.")
+@click.option("--to", "target", default="cassettes", show_default=True, help="Store to write.")
+@click.option("--cassette", default=None, help="Only this cassette.")
+def import_command(source: str, target: str, cassette: str | None) -> None:
+    """Copy recordings into a store (by default ./cassettes), losslessly."""
+    click.echo(f"copied {_copy(source, target, cassette)} key(s) from {source} to {target}")

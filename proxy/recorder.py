@@ -102,14 +102,8 @@ async def pump(state: ProxyState, exchange: Exchange, flight: Flight) -> None:
                 ) from exc
             drift = None
             if keep:
-                fingerprint, model, usage = describe_payload(body)
-                recording = Recording(
-                    status=response.status,
-                    headers=stored_headers(response.headers),
-                    body=scrub(body, exchange.secrets),
-                    system_fingerprint=fingerprint, model=model, usage=usage,
-                    recorded_at=now_iso(), duration_ms=(loop.time() - started) * 1000,
-                )
+                recording = body_recording(response.status, response.headers, body,
+                                           exchange.secrets, (loop.time() - started) * 1000)
                 drift = await commit(state, exchange, recording)
             flight.start(Head(response.status, headers, False, replay_status, drift))
             flight.push(body)
@@ -135,14 +129,29 @@ async def pump(state: ProxyState, exchange: Exchange, flight: Flight) -> None:
         if remainder:
             events.append(SseEvent((loop.time() - started) * 1000, remainder))
         if keep:
-            scrubbed = tuple(replace(e, raw=scrub(e.raw, exchange.secrets)) for e in events)
-            fingerprint, model, usage = describe_events(scrubbed)
-            await commit(state, exchange, Recording(
-                status=response.status, headers=stored_headers(response.headers),
-                events=scrubbed, system_fingerprint=fingerprint, model=model, usage=usage,
-                recorded_at=now_iso(), duration_ms=(loop.time() - started) * 1000,
-            ))
+            await commit(state, exchange, stream_recording(
+                response.status, response.headers, events, exchange.secrets,
+                (loop.time() - started) * 1000))
         flight.finish()
+
+
+def body_recording(status: int, headers: Any, body: bytes, secrets: tuple[bytes, ...],
+                   duration_ms: float) -> Recording:
+    """A whole-body answer as stored: scrubbed, with its fingerprint, model and usage."""
+    scrubbed = scrub(body, secrets)
+    fingerprint, model, usage = describe_payload(scrubbed)
+    return Recording(status=status, headers=stored_headers(headers), body=scrubbed,
+                     system_fingerprint=fingerprint, model=model, usage=usage,
+                     recorded_at=now_iso(), duration_ms=duration_ms)
+
+
+def stream_recording(status: int, headers: Any, events: list[SseEvent],
+                     secrets: tuple[bytes, ...], duration_ms: float) -> Recording:
+    scrubbed = tuple(replace(event, raw=scrub(event.raw, secrets)) for event in events)
+    fingerprint, model, usage = describe_events(scrubbed)
+    return Recording(status=status, headers=stored_headers(headers), events=scrubbed,
+                     system_fingerprint=fingerprint, model=model, usage=usage,
+                     recorded_at=now_iso(), duration_ms=duration_ms)
 
 
 async def commit(state: ProxyState, exchange: Exchange, recording: Recording) -> str | None:
@@ -151,7 +160,8 @@ async def commit(state: ProxyState, exchange: Exchange, recording: Recording) ->
     drift = None
     if existing is None:
         request = _scrubbed_request(exchange)
-        entry = Entry(exchange.key, exchange.route.label, request).add(recording)
+        entry = Entry(exchange.key, exchange.route.label, request,
+                      extra={"path": exchange.route.upstream_path}).add(recording)
     else:
         if exchange.mode is Mode.REFRESH:
             pinned = fingerprints.select(existing, fingerprints.PINNED).recording
@@ -161,6 +171,7 @@ async def commit(state: ProxyState, exchange: Exchange, recording: Recording) ->
         entry = existing.add(recording)
     await state.store.put(exchange.cassette, entry)
     state.remember(exchange.cassette, entry)
+    state.used(exchange.cassette, exchange.key)
     state.count(exchange.cassette, "recorded")
     return drift
 

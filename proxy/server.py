@@ -26,6 +26,7 @@ from .singleflight import Flight, FlightCut
 from .state import ProxyState
 from .store import open_store
 from .upstream import Upstream, client_timeout
+from .usage import UsageLog, state_dir
 
 log = logging.getLogger("replay_proxy")
 
@@ -66,10 +67,24 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         connector=aiohttp.TCPConnector(limit=256, force_close=False),
     )
     state.upstream = Upstream(state.settings, session)
+    state.usage = UsageLog(state_dir(state.settings.cassettes))
+    flusher = asyncio.get_running_loop().create_task(_flush_usage(state))
     yield
+    flusher.cancel()
+    await asyncio.gather(flusher, return_exceptions=True)
     await state.flights.close()
+    state.usage.flush(state.snapshot())
     await session.close()
     await state.store.close()
+
+
+async def _flush_usage(state: ProxyState, every: float = 1.0) -> None:
+    last: dict[str, int] = {}
+    while True:
+        await asyncio.sleep(every)
+        if state.usage is not None and dict(state.totals) != last:
+            last = dict(state.totals)
+            state.usage.flush(state.snapshot())
 
 
 @web.middleware
@@ -146,7 +161,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     if action is Action.REPLAY:
         assert selection is not None and selection.recording is not None
         state.count(cassette, "hits")
-        state.used[(cassette, key)] = ""
+        state.used(cassette, key)
         usage = selection.recording.usage or {}
         if isinstance(usage.get("total_tokens"), int):
             state.count(cassette, "tokens_replayed", usage["total_tokens"])

@@ -12,6 +12,7 @@ from .modes import Mode
 from .singleflight import SingleFlight
 from .store import Store
 from .upstream import Upstream
+from .usage import UsageLog
 
 _CACHE_LIMIT = 20_000
 
@@ -34,8 +35,12 @@ class ProxyState:
     overrides: dict[str, CassetteOptions] = field(default_factory=dict)
     totals: Counter[str] = field(default_factory=Counter)
     by_cassette: dict[str, Counter[str]] = field(default_factory=dict)
-    used: dict[tuple[str, str], str] = field(default_factory=dict)
+    usage: UsageLog | None = None
     _entries: dict[tuple[str, str], Entry] = field(default_factory=dict)
+
+    def used(self, cassette: str, key: str) -> None:
+        if self.usage is not None:
+            self.usage.note(cassette, key)
 
     def count(self, cassette: str, event: str, amount: int = 1) -> None:
         self.totals[event] += amount
@@ -74,6 +79,7 @@ class ProxyState:
 
     def snapshot(self) -> dict[str, Any]:
         return {
+            "run": self.usage.run if self.usage else None,
             "mode": self.mode.value,
             "store": self.store.description,
             "totals": dict(self.totals),

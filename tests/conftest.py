@@ -47,3 +47,8 @@ def make_proxy(simulator: SimulatorThread, cassettes: Path) -> ProxyFactory:
 def stored_bytes(root: Path) -> bytes:
     """Every byte under a store root, for searching it for secrets."""
     return b"".join(path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file())
+
+
+def recorded_files(root: Path) -> list[Path]:
+    """The cassette files under a store root, without the proxy's own usage log."""
+    return sorted(p for p in root.rglob("*.json") if ".replay-proxy" not in p.parts)

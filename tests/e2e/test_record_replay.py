@@ -14,7 +14,14 @@ from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
 
 from proxy.modes import Mode
 from proxy.testing import SimulatorThread
-from tests.conftest import ORG_ID, PROJECT_ID, SECRET_KEY, ProxyFactory, stored_bytes
+from tests.conftest import (
+    ORG_ID,
+    PROJECT_ID,
+    SECRET_KEY,
+    ProxyFactory,
+    recorded_files,
+    stored_bytes,
+)
 
 CHAT = {"model": "gpt-4o-mini",
         "messages": [{"role": "system", "content": "You are terse."},
@@ -93,7 +100,7 @@ def test_passthrough_stores_nothing(make_proxy: ProxyFactory, cassettes: Path,
         client.chat.completions.create(**CHAT, seed=1)
     assert one.headers["x-replay-status"] == "passthrough"
     assert simulator.state.calls == 2
-    assert not list(cassettes.rglob("*.json"))
+    assert not recorded_files(cassettes)
 
 
 def test_auto_mode_replays_under_ci(make_proxy: ProxyFactory, simulator: SimulatorThread) -> None:
@@ -219,7 +226,7 @@ def test_cassette_selection_by_prefix_and_header(make_proxy: ProxyFactory, casse
             client.chat.completions.create(**CHAT, seed=1)
         with OpenAI(base_url=proxy.url + "/v1", api_key=SECRET_KEY) as client:
             client.chat.completions.create(**CHAT, seed=1)
-    names = sorted(p.parent.name for p in cassettes.rglob("*.json"))
+    names = sorted(p.parent.name for p in recorded_files(cassettes))
     assert names == ["default", "my-suite", "other.suite"]
 
 
@@ -276,7 +283,7 @@ def test_upstream_errors_pass_through_and_are_stored_only_when_asked(
         with pytest.raises(openai.NotFoundError) as caught:
             client.models.retrieve("no-such-model")
     assert caught.value.code == "model_not_found"
-    assert not list(cassettes.rglob("*.json"))
+    assert not recorded_files(cassettes)
     with make_proxy(Mode.RECORD, record_errors=True) as proxy, OpenAI(
             base_url=proxy.url + "/v1", api_key=SECRET_KEY) as client:
         with pytest.raises(openai.NotFoundError):
@@ -284,7 +291,7 @@ def test_upstream_errors_pass_through_and_are_stored_only_when_asked(
         with pytest.raises(openai.NotFoundError) as replayed:
             client.models.retrieve("no-such-model")
         assert replayed.value.response.headers["x-replay-status"] == "hit"
-    assert len(list(cassettes.rglob("*.json"))) == 1
+    assert len(recorded_files(cassettes)) == 1
 
 
 def test_unknown_route_is_a_404_in_openai_shape(make_proxy: ProxyFactory) -> None:

@@ -15,7 +15,7 @@ from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
 from proxy.config import ReplayTiming
 from proxy.modes import Mode
 from proxy.testing import SimulatorThread
-from tests.conftest import SECRET_KEY, ProxyFactory
+from tests.conftest import SECRET_KEY, ProxyFactory, recorded_files
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Stream a poem."}]}
 
@@ -142,11 +142,11 @@ def test_upstream_cut_mid_stream_stores_nothing_and_client_sees_the_cut(
             for chunk in client.chat.completions.create(**CHAT, seed=5, stream=True):
                 received.append(chunk)
         assert 0 < len(received) < 6
-        assert not list(cassettes.rglob("*.json"))
+        assert not recorded_files(cassettes)
         # The proxy keeps serving and records the next, complete stream.
         complete = _chunks(client.chat.completions.create(**CHAT, seed=5, stream=True))
     assert complete[-1].choices[0].finish_reason == "stop"
-    assert len(list(cassettes.rglob("*.json"))) == 1
+    assert len(recorded_files(cassettes)) == 1
 
 
 def test_stream_without_done_is_stored_at_clean_end(make_proxy: ProxyFactory, cassettes: Path,
