@@ -150,12 +150,12 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             selection = fingerprints.select(entry, policy)
             if selection.recording is None:
                 state.count(cassette, "misses")
-                raise ReplayMiss(
+                message = (
                     f"Replay miss: cassette '{cassette}' has key {key[:16]} for "
                     f"{request.method} {route.route}, but {selection.reason}. Choose a recorded "
-                    "fingerprint, or drop the X-Replay-Fingerprint header / --fingerprint value.",
-                    code="fingerprint_not_recorded",
-                )
+                    "fingerprint, or drop the X-Replay-Fingerprint header / --fingerprint value.")
+                state.last_miss[cassette] = message
+                raise ReplayMiss(message, code="fingerprint_not_recorded")
     action = decide(mode, selection is not None and selection.recording is not None)
 
     if action is Action.REPLAY:
@@ -176,6 +176,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             for item in await state.store.items(cassette) if item.entry is not None
         ]
         message = explain_miss(cassette, canonical, key, candidates)
+        state.last_miss[cassette] = message
         return error_response(ReplayMiss(message), {**base_headers, "X-Replay-Status": "miss"})
 
     exchange = Exchange(

@@ -36,6 +36,7 @@ class ProxyState:
     totals: Counter[str] = field(default_factory=Counter)
     by_cassette: dict[str, Counter[str]] = field(default_factory=dict)
     usage: UsageLog | None = None
+    last_miss: dict[str, str] = field(default_factory=dict)
     _entries: dict[tuple[str, str], Entry] = field(default_factory=dict)
 
     def used(self, cassette: str, key: str) -> None:

@@ -37,11 +37,11 @@ class UsageLog:
     run: str = field(default_factory=new_run_id)
     started: str = field(default_factory=now_iso)
     _pending: list[tuple[str, str, str]] = field(default_factory=list)
-    _seen: set[tuple[str, str]] = field(default_factory=set)
+    seen: set[tuple[str, str]] = field(default_factory=set)
 
     def note(self, cassette: str, key: str) -> None:
-        if (cassette, key) not in self._seen:
-            self._seen.add((cassette, key))
+        if (cassette, key) not in self.seen:
+            self.seen.add((cassette, key))
             self._pending.append((cassette, key, now_iso()))
 
     def flush(self, counters: Mapping[str, Any]) -> None:

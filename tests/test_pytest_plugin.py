@@ -1,0 +1,118 @@
+"""The pytest plugin, driven through pytester on real test files against the simulator."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.testing import SimulatorThread
+
+TEST_FILE = '''
+import pytest
+from openai import AzureOpenAI, OpenAI
+
+
+@pytest.mark.replay
+def test_fact():
+    client = OpenAI()
+    reply = client.chat.completions.create(
+        model="gpt-4o-mini", seed=1, messages=[{"role": "user", "content": "PROMPT"}])
+    assert reply.choices[0].message.content
+
+
+@pytest.mark.replay(cassette="shared-azure")
+def test_azure():
+    client = AzureOpenAI(api_version="2024-10-21")
+    assert client.embeddings.create(model="embed", input="hello").data
+
+
+def test_fixture_streams(replay_proxy):
+    client = OpenAI(base_url=replay_proxy.base_url, api_key="sk-fixture")
+    chunks = list(client.chat.completions.create(
+        model="gpt-4o-mini", seed=2, stream=True, messages=[{"role": "user", "content": "Hi"}]))
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert replay_proxy.hits + replay_proxy.recordings == 1
+    assert replay_proxy.cassette == "test_app/test_fixture_streams"
+'''
+
+
+@pytest.fixture
+def app_tests(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(test_app=TEST_FILE.replace("PROMPT", "Name a moon of Mars."))
+    for name in ("CI", "OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "OPENAI_BASE_URL",
+                 "AZURE_OPENAI_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    return pytester
+
+
+def _record(app_tests: pytest.Pytester, simulator: SimulatorThread,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-recording-key")
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "azure-recording-key")
+    result = app_tests.runpytest_subprocess(
+        "--replay-mode", "record", "--replay-openai-upstream", simulator.url,
+        "--replay-azure-upstream", simulator.url, "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["*replay-proxy*", "*3 test(s) through the proxy: 0 hit(s), "
+                                 "0 miss(es), 3 recording(s) made, 3 upstream call(s)*"])
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.delenv("AZURE_OPENAI_API_KEY")
+    simulator.stop()
+
+
+def test_record_then_replay_offline(app_tests: pytest.Pytester, simulator: SimulatorThread,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    _record(app_tests, simulator, monkeypatch)
+    cassettes = app_tests.path / "cassettes"
+    assert len(list((cassettes / "test_app" / "test_fact").glob("chat.completions-*.json"))) == 1
+    assert len(list((cassettes / "shared-azure").glob("embeddings-*.json"))) == 1
+    replayed = app_tests.runpytest_subprocess("--replay-mode", "replay", "-p", "no:cacheprovider")
+    replayed.assert_outcomes(passed=3)
+    replayed.stdout.fnmatch_lines(["*3 hit(s), 0 miss(es), 0 recording(s) made, "
+                                   "0 upstream call(s)*"])
+
+
+def test_ci_replays_by_default_and_a_changed_prompt_explains_itself(
+        app_tests: pytest.Pytester, simulator: SimulatorThread,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _record(app_tests, simulator, monkeypatch)
+    monkeypatch.setenv("CI", "true")
+    app_tests.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=3)
+
+    app_tests.makepyfile(test_app=TEST_FILE.replace("PROMPT", "Name a moon of Jupiter."))
+    failed = app_tests.runpytest_subprocess("-p", "no:cacheprovider")
+    failed.assert_outcomes(passed=2, failed=1)
+    output = failed.stdout.str()
+    assert "replay-proxy: 1 request(s) had no recording in cassette 'test_app/test_fact'" in output
+    assert 'messages[0].content: "Name a moon of Mars." -> "Name a moon of Jupiter."' in output
+    assert "Traceback" not in failed.stdout.str()
+    failed.stdout.fnmatch_lines(["*recording(s) no test used this session*"])
+
+
+def test_xdist_replay(app_tests: pytest.Pytester, simulator: SimulatorThread,
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    _record(app_tests, simulator, monkeypatch)
+    result = app_tests.runpytest_subprocess("--replay-mode", "replay", "-n", "2",
+                                            "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["*3 test(s) through the proxy: 3 hit(s), 0 miss(es)*"])
+
+
+def test_mark_mode_overrides_the_session_mode(app_tests: pytest.Pytester,
+                                              simulator: SimulatorThread) -> None:
+    app_tests.makepyfile(test_marked='''
+import pytest
+from openai import OpenAI
+
+@pytest.mark.replay(mode="replay")
+def test_never_records():
+    with pytest.raises(Exception):
+        OpenAI(max_retries=0).models.list()
+''')
+    result = app_tests.runpytest_subprocess(
+        "test_marked.py", "--replay-mode", "record", "--replay-openai-upstream", simulator.url,
+        "-p", "no:cacheprovider")
+    # The app swallowed the error, but the miss still fails the test.
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*no recording in cassette 'test_marked/test_never_records'*"])
+    assert simulator.state.calls == 0
