@@ -11,6 +11,8 @@ from urllib.parse import unquote
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from . import fingerprints
 from .canonical import IncomingRequest, canonical_request, request_key
@@ -134,7 +136,9 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     _authorise(request, settings)
     cassette, route, query = _locate(request, settings)
     body = await _read_body(request, settings.max_body)
-    headers = {name.lower(): value for name, value in request.headers.items()}
+    # aiohttp has already decoded a compressed request body: key and forward it as plain bytes.
+    headers = {name.lower(): value for name, value in request.headers.items()
+               if name.lower() != "content-encoding"}
     body = _inject_seed(route, headers, body, settings.inject_seed)
     incoming = IncomingRequest(request.method, route, tuple(query.items()), headers, body)
     canonical = canonical_request(incoming, settings.key_policy)
@@ -235,11 +239,18 @@ async def _read_body(request: web.Request, max_body: int) -> bytes:
         raise too_big
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > max_body:
-            raise too_big
-        chunks.append(chunk)
+    try:
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > max_body:
+                raise too_big
+            chunks.append(chunk)
+    except (ContentEncodingError, RequestPayloadError) as exc:
+        raise ProxyError(
+            f"The request body could not be read ({exc}); if it has a Content-Encoding "
+            f"({request.headers.get('Content-Encoding', 'none')}), it must decode.",
+            code="invalid_body_encoding",
+        ) from exc
     return b"".join(chunks)
 
 
