@@ -94,14 +94,16 @@ def _timing(_ctx: click.Context, _param: click.Parameter, value: str) -> ReplayT
               help="Token clients must present as their API key; required off loopback.")
 @click.option("--upstream-timeout", default=600.0, show_default=True, type=float,
               help="Seconds to wait for upstream data before answering 504.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Processes serving the same port (SO_REUSEPORT), sharing the store.")
 def serve(host: str, port: int, mode: str, cassettes: Path, default_cassette: str,
           openai_upstream: str, azure_upstream: str | None, store: str | None,
           record_errors: bool, ignore_field: tuple[str, ...], match_field: tuple[str, ...],
           match_header: tuple[str, ...], max_body: int, fingerprint: str,
           replay_timing: ReplayTiming, inject_seed: int | None, openai_api_key: str | None,
-          azure_api_key: str | None, auth_token: str | None, upstream_timeout: float) -> None:
+          azure_api_key: str | None, auth_token: str | None, upstream_timeout: float,
+          workers: int) -> None:
     """Run the proxy."""
-    from .server import create_app
 
     if not _is_loopback(host) and not auth_token:
         raise click.UsageError(
@@ -122,20 +124,30 @@ def serve(host: str, port: int, mode: str, cassettes: Path, default_cassette: st
         upstream_timeout=upstream_timeout, auth_token=auth_token,
     )
     effective = resolve_mode(settings.mode, os.environ)
-    app = create_app(settings)
     click.echo(
         f"replay-proxy listening on http://{host}:{port} (mode {effective.value}"
         f"{' from --mode auto' if settings.mode is Mode.AUTO else ''}, store "
-        f"{settings.store_spec}, cassette {default_cassette})\n"
+        f"{settings.store_spec}, cassette {default_cassette}"
+        f"{f', {workers} workers' if workers > 1 else ''})\n"
         f"  export OPENAI_BASE_URL=http://{host}:{port}/v1",
         err=True,
     )
-    _run(app, host, port)
+    if workers == 1:
+        _serve_one(settings, host, port)
+    else:
+        sys.exit(run_workers(settings, host, port, workers))
 
 
-def _run(app: web.Application, host: str, port: int) -> None:
+def _serve_one(settings: Settings, host: str, port: int, reuse_port: bool = False) -> None:
+    from .server import create_app
+
+    _run(create_app(settings), host, port, reuse_port)
+
+
+def _run(app: web.Application, host: str, port: int, reuse_port: bool = False) -> None:
     try:
-        web.run_app(app, host=host, port=port, access_log=None, print=None)
+        web.run_app(app, host=host, port=port, access_log=None, print=None,
+                    reuse_port=reuse_port or None)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise click.ClickException(
@@ -162,6 +174,33 @@ def simulate(host: str, port: int, fingerprint: str, api_key: str | None, latenc
     click.echo(f"simulated OpenAI upstream on http://{host}:{port} (fingerprint {fingerprint}); "
                f"steer it with POST /_sim/state", err=True)
     _run(create_simulator(state), host, port)
+
+
+def run_workers(settings: Settings, host: str, port: int, workers: int) -> int:
+    """Start `workers` processes on one port; stop them all when one dies or on a signal."""
+    import multiprocessing
+    import signal
+
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_serve_one, args=(settings, host, port, True))
+                 for _ in range(workers)]
+    for process in processes:
+        process.start()
+
+    def stop(signum: int, _frame: object) -> None:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    from multiprocessing.connection import wait
+
+    wait([process.sentinel for process in processes])
+    stop(signal.SIGTERM, None)
+    for process in processes:
+        process.join(timeout=10)
+    return max((abs(process.exitcode or 0) for process in processes), default=0) and 1
 
 
 

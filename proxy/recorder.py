@@ -52,6 +52,7 @@ class Exchange:
     canonical: dict[str, Any]
     action: Action
     mode: Mode
+    fingerprint: str  # replay policy, for a recording another process made meanwhile
     secrets: tuple[bytes, ...]
 
 
@@ -77,6 +78,28 @@ def stored_headers(upstream_headers: Any) -> dict[str, str]:
 
 
 async def pump(state: ProxyState, exchange: Exchange, flight: Flight) -> None:
+    """Fill the flight: from the upstream, or, when another process sharing the store recorded
+    the key while this one waited for it, from that recording."""
+    if exchange.mode is not Mode.RECORD:
+        await _forward(state, exchange, flight)
+        return
+    async with state.store.lock(exchange.cassette, exchange.key):
+        stored = await state.store.get(exchange.cassette, exchange.key, exchange.route.label)
+        selection = fingerprints.select(stored, exchange.fingerprint) if stored else None
+        if stored is None or selection is None or selection.recording is None:
+            await _forward(state, exchange, flight)
+            return
+    state.remember(exchange.cassette, stored)
+    state.count(exchange.cassette, "hits")
+    recording = selection.recording
+    headers = {**recording.headers, "X-Replay-Fingerprint": selection.fingerprint or ""}
+    flight.start(Head(recording.status, headers, recording.is_stream, "hit"))
+    for chunk in [event.raw for event in recording.events or ()] or [recording.body]:
+        flight.push(chunk)
+    flight.finish()
+
+
+async def _forward(state: ProxyState, exchange: Exchange, flight: Flight) -> None:
     assert state.upstream is not None
     loop = asyncio.get_running_loop()
     started = loop.time()

@@ -186,6 +186,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     exchange = Exchange(
         cassette=cassette, key=key, route=route, method=request.method, query=query,
         headers=headers, body=body, canonical=canonical, action=action, mode=mode,
+        fingerprint=state.fingerprint_for(cassette, headers.get(FINGERPRINT_HEADER)),
         secrets=tuple(secret_values(headers)),
     )
     flight_name = f"{cassette}\x1f{key}" if action is Action.RECORD else f"pass\x1f{id(request)}"

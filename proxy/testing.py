@@ -7,7 +7,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -99,3 +104,44 @@ def run_simulator(state: SimulatorState | None = None, port: int = 0) -> Iterato
         yield server
     finally:
         server.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def run_proxy_process(*args: str, env: dict[str, str] | None = None,
+                      timeout: float = 30.0) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`replay-proxy serve ARGS` in a child process on a free port; yields (url, process)."""
+    port = free_port()
+    command = [sys.executable, "-m", "proxy", "serve", "--port", str(port), *args]
+    process = subprocess.Popen(command, env={**os.environ, **(env or {})},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError("replay-proxy exited at start: "
+                                   + (process.stderr.read() if process.stderr else b"").decode())
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"replay-proxy did not listen on {port}") from None
+                time.sleep(0.05)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if process.stderr is not None:
+            process.stderr.close()

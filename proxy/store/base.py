@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +38,10 @@ class Store(Protocol):
     async def cassettes(self) -> list[str]: ...
 
     async def items(self, cassette: str) -> Sequence[StoredItem]: ...
+
+    def lock(self, cassette: str, key: str) -> AbstractAsyncContextManager[None]:
+        """Held while one process records a key, so others sharing the store wait for it."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from ..cassette import Entry, decode_entry, encode_entry
 from ..errors import CassetteError
+from ..usage import STATE_DIR
 from .base import StoredItem
+from .locking import file_lock
 
 
 class DirectoryStore:
@@ -79,6 +82,9 @@ class DirectoryStore:
                 continue
             found.append(StoredItem(cassette, entry.label, entry.key, entry, None, len(raw)))
         return found
+
+    def lock(self, cassette: str, key: str) -> AbstractAsyncContextManager[None]:
+        return file_lock(self.root / STATE_DIR / "locks", cassette, key)
 
     async def close(self) -> None:
         return None

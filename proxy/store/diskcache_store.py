@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import diskcache
@@ -10,6 +11,7 @@ import diskcache
 from ..cassette import Entry, decode_entry, encode_entry
 from ..errors import CassetteError
 from .base import StoredItem
+from .locking import file_lock
 
 _SEPARATOR = "\x1f"
 
@@ -57,6 +59,9 @@ class DiskcacheStore:
                 continue
             found.append(StoredItem(cassette, entry.label, key, entry, None, len(raw)))
         return found
+
+    def lock(self, cassette: str, key: str) -> AbstractAsyncContextManager[None]:
+        return file_lock(self.path / "locks", cassette, key)
 
     async def close(self) -> None:
         self._cache.close()
