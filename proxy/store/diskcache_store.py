@@ -16,11 +16,24 @@ from .locking import file_lock
 _SEPARATOR = "\x1f"
 
 
+class _BytesOnlyDisk(diskcache.Disk):  # type: ignore[misc]
+    """diskcache unpickles values stored as pickles; recordings are bytes, so a pickled value
+    can only be tampering, and is refused rather than run."""
+
+    def fetch(self, mode: int, filename: str, value: object, read: bool) -> object:
+        if mode == diskcache.core.MODE_PICKLE:
+            raise CassetteError(
+                "A value in this diskcache store is a pickle, which "
+                "replay-proxy never writes; refusing to load it. Delete the cache folder."
+            )
+        return super().fetch(mode, filename, value, read)
+
+
 class DiskcacheStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.description = f"diskcache:{path}"
-        self._cache = diskcache.Cache(str(path))
+        self._cache = diskcache.Cache(str(path), disk=_BytesOnlyDisk)
 
     def _name(self, cassette: str, key: str) -> str:
         return f"{cassette}{_SEPARATOR}{key}"
