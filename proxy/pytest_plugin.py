@@ -154,7 +154,8 @@ def replay_proxy(request: pytest.FixtureRequest) -> Iterator[ReplaySession]:
     cassette = options.get("cassette") or cassette_for(request.node)
     mode = Mode(options["mode"]) if options.get("mode") else proxy.state.mode
     mode = resolve_mode(mode, os.environ)
-    proxy.state.overrides[cassette] = CassetteOptions(mode, options.get("fingerprint"))
+    overrides = CassetteOptions(mode, options.get("fingerprint"))
+    proxy.invoke(lambda: proxy.state.set_override(cassette, overrides))
     before = Counter(proxy.state.by_cassette.get(cassette, Counter()))
     proxy.state.last_miss.pop(cassette, None)
     session = ReplaySession(proxy, cassette, mode, before)

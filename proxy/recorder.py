@@ -81,13 +81,16 @@ async def pump(state: ProxyState, exchange: Exchange, flight: Flight) -> None:
     """Fill the flight: from the upstream, or, when another process sharing the store recorded
     the key while this one waited for it, from that recording."""
     if exchange.mode is not Mode.RECORD:
-        await _forward(state, exchange, flight)
+        existing = None
+        if exchange.action is Action.RECORD:  # refresh: compared with the pinned recording
+            existing = await state.store.get(exchange.cassette, exchange.key, exchange.route.label)
+        await _forward(state, exchange, flight, existing)
         return
     async with state.store.lock(exchange.cassette, exchange.key):
         stored = await state.store.get(exchange.cassette, exchange.key, exchange.route.label)
         selection = fingerprints.select(stored, exchange.fingerprint) if stored else None
         if stored is None or selection is None or selection.recording is None:
-            await _forward(state, exchange, flight)
+            await _forward(state, exchange, flight, stored)
             return
     state.remember(exchange.cassette, stored)
     state.count(exchange.cassette, "hits")
@@ -99,7 +102,9 @@ async def pump(state: ProxyState, exchange: Exchange, flight: Flight) -> None:
     flight.finish()
 
 
-async def _forward(state: ProxyState, exchange: Exchange, flight: Flight) -> None:
+async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
+                   existing: Entry | None) -> None:
+    """Forward upstream and tee the answer; clients get it before it is written to the store."""
     assert state.upstream is not None
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -123,14 +128,17 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight) -> Non
                     f"({exc.__class__.__name__}); nothing was stored.",
                     code="upstream_cut",
                 ) from exc
-            drift = None
+            recording = None
             if keep:
-                recording = body_recording(response.status, response.headers, body,
-                                           exchange.secrets, (loop.time() - started) * 1000)
-                drift = await commit(state, exchange, recording)
-            flight.start(Head(response.status, headers, False, replay_status, drift))
+                recording = classified(exchange, existing, body_recording(
+                    response.status, response.headers, body, exchange.secrets,
+                    (loop.time() - started) * 1000))
             flight.push(body)
+            flight.start(Head(response.status, headers, False, replay_status,
+                              recording.drift if recording else None))
             flight.finish()
+            if recording is not None:
+                await commit(state, exchange, existing, recording)
             return
 
         flight.start(Head(response.status, headers, True, replay_status))
@@ -151,11 +159,11 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight) -> Non
         remainder = splitter.remainder()
         if remainder:
             events.append(SseEvent((loop.time() - started) * 1000, remainder))
-        if keep:
-            await commit(state, exchange, stream_recording(
-                response.status, response.headers, events, exchange.secrets,
-                (loop.time() - started) * 1000))
         flight.finish()
+        if keep:
+            await commit(state, exchange, existing, classified(exchange, existing, stream_recording(
+                response.status, response.headers, events, exchange.secrets,
+                (loop.time() - started) * 1000)))
 
 
 def body_recording(status: int, headers: Any, body: bytes, secrets: tuple[bytes, ...],
@@ -177,26 +185,29 @@ def stream_recording(status: int, headers: Any, events: list[SseEvent],
                      recorded_at=now_iso(), duration_ms=duration_ms)
 
 
-async def commit(state: ProxyState, exchange: Exchange, recording: Recording) -> str | None:
-    """Add the recording to its key, classifying it against the pinned one in refresh mode."""
-    existing = await state.store.get(exchange.cassette, exchange.key, exchange.route.label)
-    drift = None
+def classified(exchange: Exchange, existing: Entry | None, recording: Recording) -> Recording:
+    """In refresh mode, the recording marked same or drift against the key's pinned one."""
+    if exchange.mode is not Mode.REFRESH or existing is None:
+        return recording
+    pinned = fingerprints.select(existing, fingerprints.PINNED).recording
+    return replace(recording, drift=fingerprints.classify(pinned, recording))
+
+
+async def commit(state: ProxyState, exchange: Exchange, existing: Entry | None,
+                 recording: Recording) -> None:
+    """Add the recording to its key (a new entry for a new key) and write it."""
     if existing is None:
         request = _scrubbed_request(exchange)
         entry = Entry(exchange.key, exchange.route.label, request,
                       extra={"path": exchange.route.upstream_path}).add(recording)
     else:
-        if exchange.mode is Mode.REFRESH:
-            pinned = fingerprints.select(existing, fingerprints.PINNED).recording
-            drift = fingerprints.classify(pinned, recording)
-            recording = replace(recording, drift=drift)
-            state.count(exchange.cassette, drift)
         entry = existing.add(recording)
     await state.store.put(exchange.cassette, entry)
     state.remember(exchange.cassette, entry)
     state.used(exchange.cassette, exchange.key)
     state.count(exchange.cassette, "recorded")
-    return drift
+    if recording.drift is not None:
+        state.count(exchange.cassette, recording.drift)
 
 
 def _scrubbed_request(exchange: Exchange) -> dict[str, Any]:

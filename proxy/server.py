@@ -25,7 +25,7 @@ from .providers import Route, parse_route, split_cassette_prefix, validate_casse
 from .recorder import Exchange, pump
 from .scrub import secret_values
 from .singleflight import Flight, FlightCut
-from .state import ProxyState
+from .state import HotKey, HotReply, ProxyState
 from .store import open_store
 from .upstream import Upstream, client_timeout
 from .usage import UsageLog, state_dir
@@ -50,8 +50,7 @@ def create_app(settings: Settings, environ: dict[str, str] | None = None) -> web
         mode=resolve_mode(settings.mode, environ),
     )
     app = web.Application(
-        middlewares=[_errors],
-        client_max_size=settings.max_body + 1,
+        client_max_size=settings.max_body,
         handler_args={"max_field_size": _MAX_HEADER_BYTES, "max_line_size": _MAX_HEADER_BYTES},
     )
     app[STATE] = state
@@ -89,27 +88,6 @@ async def _flush_usage(state: ProxyState, every: float = 1.0) -> None:
             state.usage.flush(state.snapshot())
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ProxyError as exc:
-        return error_response(exc)
-    except web.HTTPException as exc:
-        reason = exc.text or exc.reason
-        if exc.status == 413:
-            reason = (f"The request body is larger than --max-body "
-                      f"({request.app[STATE].settings.max_body} bytes).")
-        return error_response(ProxyError(reason, status=exc.status, code=f"http_{exc.status}"))
-    except Exception as exc:
-        log.exception("unexpected error while handling %s %s", request.method, request.path)
-        return error_response(ProxyError(
-            f"replay-proxy hit an internal error ({exc.__class__.__name__}: {exc}). Nothing was "
-            "stored for this request; please report it with the proxy's log.",
-            status=500, type="server_error", code="proxy_internal_error",
-        ))
-
-
 def error_response(exc: ProxyError, headers: dict[str, str] | None = None) -> web.Response:
     all_headers = {"X-Replay-Status": "error", "x-should-retry": "false", **(headers or {})}
     return web.Response(status=exc.status, body=exc.body(), content_type="application/json",
@@ -132,10 +110,49 @@ def _dumps(value: object) -> str:
 
 async def _handle(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    try:
+        if state.settings.auth_token is not None:
+            _authorise(request, state.settings.auth_token)
+        body = await _read_body(request, state.settings.max_body)
+        headers = request.headers
+        hot_key = (request.method, request.raw_path, body,
+                   *[headers.get(name) for name in state.hot_headers])
+        hot = state.hot.get(hot_key)
+        if hot is not None:  # the fast path: a byte-identical request resolved before
+            _count_hit(state, hot.cassette, hot.key, hot.tokens)
+            recording = hot.recording
+            if recording.events is None:
+                return web.Response(status=recording.status, body=recording.body,
+                                    headers=hot.headers)
+            return await _replay(request, recording, hot.headers)
+        return await _serve(request, state, body, hot_key)
+    except ProxyError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        reason = exc.text or exc.reason
+        if exc.status == 413:
+            reason = f"The request body is larger than --max-body ({state.settings.max_body} bytes)."
+        return error_response(ProxyError(reason, status=exc.status, code=f"http_{exc.status}"))
+    except Exception as exc:
+        log.exception("unexpected error while handling %s %s", request.method, request.path)
+        return error_response(ProxyError(
+            f"replay-proxy hit an internal error ({exc.__class__.__name__}: {exc}). Nothing was "
+            "stored for this request; please report it with the proxy's log.",
+            status=500, type="server_error", code="proxy_internal_error",
+        ))
+
+
+def _count_hit(state: ProxyState, cassette: str, key: str, tokens: int) -> None:
+    state.count(cassette, "hits")
+    if tokens:
+        state.count(cassette, "tokens_replayed", tokens)
+    state.used(cassette, key)
+
+
+async def _serve(request: web.Request, state: ProxyState, body: bytes,
+                 hot_key: HotKey) -> web.StreamResponse:
     settings = state.settings
-    _authorise(request, settings)
     cassette, route, query = _locate(request, settings)
-    body = await _read_body(request, settings.max_body)
     # aiohttp has already decoded a compressed request body: key and forward it as plain bytes.
     headers = {name.lower(): value for name, value in request.headers.items()
                if name.lower() != "content-encoding"}
@@ -164,14 +181,15 @@ async def _handle(request: web.Request) -> web.StreamResponse:
 
     if action is Action.REPLAY:
         assert selection is not None and selection.recording is not None
-        state.count(cassette, "hits")
-        state.used(cassette, key)
-        usage = selection.recording.usage or {}
-        if isinstance(usage.get("total_tokens"), int):
-            state.count(cassette, "tokens_replayed", usage["total_tokens"])
-        fingerprint_header = {"X-Replay-Fingerprint": selection.fingerprint or ""}
-        return await _replay(request, selection.recording, {
-            **base_headers, **fingerprint_header, "X-Replay-Status": "hit"})
+        recording = selection.recording
+        usage = recording.usage or {}
+        tokens = usage["total_tokens"] if isinstance(usage.get("total_tokens"), int) else 0
+        reply = HotReply(cassette, key, recording, {
+            **recording.headers, **base_headers,
+            "X-Replay-Fingerprint": selection.fingerprint or "", "X-Replay-Status": "hit"}, tokens)
+        state.remember_hot(hot_key, reply)
+        _count_hit(state, cassette, key, tokens)
+        return await _replay(request, recording, reply.headers)
 
     if action is Action.MISS:
         state.count(cassette, "misses")
@@ -194,14 +212,12 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     return await _follow(request, flight, base_headers)
 
 
-def _authorise(request: web.Request, settings: Settings) -> None:
-    if settings.auth_token is None:
-        return
+def _authorise(request: web.Request, token: str) -> None:
     presented = request.headers.get("api-key") or ""
     authorization = request.headers.get("Authorization", "")
     if authorization.lower().startswith("bearer "):
         presented = authorization[7:].strip()
-    if presented != settings.auth_token:
+    if presented != token:
         raise ProxyError(
             "This replay-proxy requires its access token: pass the value of --auth-token as "
             "your API key (Authorization: Bearer <token> or api-key: <token>).",
@@ -230,29 +246,20 @@ def _locate(request: web.Request, settings: Settings) -> tuple[str, Route, dict[
 
 
 async def _read_body(request: web.Request, max_body: int) -> bytes:
-    declared = request.content_length
-    too_big = ProxyError(
-        f"The request body is larger than --max-body ({max_body} bytes); raise --max-body to "
-        "proxy larger requests.",
-        status=413, code="request_too_large",
-    )
-    if declared is not None and declared > max_body:
-        raise too_big
-    chunks: list[bytes] = []
-    size = 0
     try:
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > max_body:
-                raise too_big
-            chunks.append(chunk)
+        return await request.read()  # the app's client_max_size is max_body: over it, 413
+    except web.HTTPRequestEntityTooLarge:
+        raise ProxyError(
+            f"The request body is larger than --max-body ({max_body} bytes); raise --max-body "
+            "to proxy larger requests.",
+            status=413, code="request_too_large",
+        ) from None
     except (ContentEncodingError, RequestPayloadError) as exc:
         raise ProxyError(
             f"The request body could not be read ({exc}); if it has a Content-Encoding "
             f"({request.headers.get('Content-Encoding', 'none')}), it must decode.",
             code="invalid_body_encoding",
         ) from exc
-    return b"".join(chunks)
 
 
 def _inject_seed(route: Route, headers: dict[str, str], body: bytes, seed: int | None) -> bytes:
@@ -273,10 +280,9 @@ def _inject_seed(route: Route, headers: dict[str, str], body: bytes, seed: int |
 
 async def _replay(request: web.Request, recording: Recording,
                   headers: dict[str, str]) -> web.StreamResponse:
-    all_headers = {**recording.headers, **headers}
     if recording.events is None:
-        return web.Response(status=recording.status, body=recording.body, headers=all_headers)
-    response = web.StreamResponse(status=recording.status, headers=all_headers)
+        return web.Response(status=recording.status, body=recording.body, headers=headers)
+    response = web.StreamResponse(status=recording.status, headers=headers)
     await response.prepare(request)
     speed = request.app[STATE].settings.replay_timing.speed
     loop = asyncio.get_running_loop()
@@ -305,9 +311,8 @@ async def _follow(request: web.Request, flight: Flight, base_headers: dict[str, 
         headers = {**head.headers, **base_headers, "X-Replay-Status": head.replay_status}
         if head.drift:
             headers["X-Replay-Drift"] = head.drift
-        if not head.is_stream:
-            body = b"".join([chunk async for chunk in flight.follow()])
-            return web.Response(status=head.status, body=body, headers=headers)
+        if not head.is_stream:  # the whole body is in the flight before its head
+            return web.Response(status=head.status, body=b"".join(flight.chunks), headers=headers)
         response = web.StreamResponse(status=head.status, headers=headers)
         await response.prepare(request)
         try:

@@ -249,8 +249,9 @@ def _rng(call: Call, state: SimulatorState, salt: str = "") -> random.Random:
 def _words(call: Call, state: SimulatorState) -> list[str]:
     rng = _rng(call, state)
     limit = call.body.get("max_tokens") or call.body.get("max_completion_tokens") \
-        or call.body.get("max_output_tokens") or 12
-    count = max(1, min(int(limit), 12 + rng.randint(0, 4)))
+        or call.body.get("max_output_tokens")
+    # With a token limit the answer runs to it, which lets benchmarks ask for a size.
+    count = max(1, min(int(limit), 4096)) if limit else 12 + rng.randint(0, 4)
     words = [rng.choice(_WORDS) for _ in range(count)]
     words[0] = words[0].capitalize()
     return words

@@ -110,7 +110,12 @@ class SingleFlight:
             flight.pump.cancel()
 
     async def close(self) -> None:
-        pumps = [f.pump for f in self._flights.values() if f.pump is not None]
-        for pump in pumps:
-            pump.cancel()
+        """Let finished flights finish storing; abandon the ones still reading upstream."""
+        pumps = []
+        for flight in list(self._flights.values()):
+            if flight.pump is None:
+                continue
+            if not flight.finished:
+                flight.pump.cancel()
+            pumps.append(flight.pump)
         await asyncio.gather(*pumps, return_exceptions=True)

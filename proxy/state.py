@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
-from .cassette import Entry
+from .cassette import Entry, Recording
 from .config import Settings
 from .modes import Mode
 from .singleflight import SingleFlight
@@ -15,6 +16,7 @@ from .upstream import Upstream
 from .usage import UsageLog
 
 _CACHE_LIMIT = 20_000
+_HOT_LIMIT = 20_000
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,20 @@ class CassetteOptions:
     fingerprint: str | None = None
 
 
+@dataclass(frozen=True)
+class HotReply:
+    """A hit resolved once, replayed again for the byte-identical request without re-keying."""
+
+    cassette: str
+    key: str
+    recording: Recording
+    headers: dict[str, str]
+    tokens: int
+
+
+HotKey = tuple[object, ...]
+
+
 @dataclass
 class ProxyState:
     settings: Settings
@@ -33,19 +49,43 @@ class ProxyState:
     upstream: Upstream | None = None
     flights: SingleFlight = field(default_factory=SingleFlight)
     overrides: dict[str, CassetteOptions] = field(default_factory=dict)
-    totals: Counter[str] = field(default_factory=Counter)
     by_cassette: dict[str, Counter[str]] = field(default_factory=dict)
     usage: UsageLog | None = None
     last_miss: dict[str, str] = field(default_factory=dict)
+    hot: dict[HotKey, HotReply] = field(default_factory=dict)
     _entries: dict[tuple[str, str], Entry] = field(default_factory=dict)
+
+    @cached_property
+    def hot_headers(self) -> tuple[str, ...]:
+        """Request headers that can change how an identical body is answered."""
+        return ("x-replay-cassette", "x-replay-fingerprint", "content-type",
+                *sorted(self.settings.key_policy.matched_headers))
+
+    def set_override(self, cassette: str, options: CassetteOptions) -> None:
+        self.overrides[cassette] = options
+        self.hot.clear()
+
+    def remember_hot(self, hot_key: HotKey, reply: HotReply) -> None:
+        if len(self.hot) >= _HOT_LIMIT:
+            self.hot.pop(next(iter(self.hot)))
+        self.hot[hot_key] = reply
 
     def used(self, cassette: str, key: str) -> None:
         if self.usage is not None:
             self.usage.note(cassette, key)
 
     def count(self, cassette: str, event: str, amount: int = 1) -> None:
-        self.totals[event] += amount
-        self.by_cassette.setdefault(cassette, Counter())[event] += amount
+        counts = self.by_cassette.get(cassette)
+        if counts is None:
+            counts = self.by_cassette[cassette] = Counter()
+        counts[event] += amount
+
+    @property
+    def totals(self) -> Counter[str]:
+        summed: Counter[str] = Counter()
+        for counts in self.by_cassette.values():
+            summed.update(counts)
+        return summed
 
     def mode_for(self, cassette: str) -> Mode:
         override = self.overrides.get(cassette)
@@ -67,6 +107,7 @@ class ProxyState:
         return entry
 
     def remember(self, cassette: str, entry: Entry) -> None:
+        self.hot.clear()  # a key gained a recording or a pin: resolve hits afresh
         if len(self._entries) >= _CACHE_LIMIT:
             self._entries.pop(next(iter(self._entries)))
         self._entries[(cassette, entry.key)] = entry

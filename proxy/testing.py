@@ -60,6 +60,14 @@ class ServerThread:
         """Run a coroutine on the server's loop (e.g. to read its state safely)."""
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=timeout)
 
+    def invoke(self, function: Callable[[], Any], timeout: float = 30) -> Any:
+        """Run a plain function on the server's loop thread, where its state is safe to change."""
+
+        async def run() -> Any:
+            return function()
+
+        return self.call(run(), timeout)
+
     def stop(self) -> None:
         if self._loop.is_closed():
             return

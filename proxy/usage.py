@@ -40,8 +40,9 @@ class UsageLog:
     seen: set[tuple[str, str]] = field(default_factory=set)
 
     def note(self, cassette: str, key: str) -> None:
-        if (cassette, key) not in self.seen:
-            self.seen.add((cassette, key))
+        name = (cassette, key)
+        if name not in self.seen:
+            self.seen.add(name)
             self._pending.append((cassette, key, now_iso()))
 
     def flush(self, counters: Mapping[str, Any]) -> None:

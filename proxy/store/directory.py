@@ -23,6 +23,7 @@ class DirectoryStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.description = f"directory {root}"
+        self._folders: set[Path] = set()
 
     def path_for(self, cassette: str, key: str, label: str) -> Path:
         return self.root / cassette / f"{label}-{key}.json"
@@ -37,7 +38,9 @@ class DirectoryStore:
 
     async def put(self, cassette: str, entry: Entry) -> None:
         path = self.path_for(cassette, entry.key, entry.label)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent not in self._folders:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(path.parent)
         temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
             with open(temporary, "wb") as handle:

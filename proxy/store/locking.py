@@ -15,7 +15,8 @@ from pathlib import Path
 @contextlib.asynccontextmanager
 async def file_lock(folder: Path, cassette: str, key: str,
                     timeout: float = 900.0) -> AsyncIterator[None]:
-    folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
     tag = hashlib.sha256(cassette.encode()).hexdigest()[:12]
     path = folder / f"{tag}-{key}.lock"
     loop = asyncio.get_running_loop()

@@ -1,0 +1,562 @@
+"""Side-by-side benchmarks of replay-proxy, run by `scripts/bench`.
+
+Everything runs on loopback in one invocation, with the same recorded response bytes, as
+rounds interleaved A B A B so that the machine's noise falls on every server alike:
+
+1. the limit: a bare aiohttp server returning the recorded response from memory;
+2. replay-proxy replay hits on the directory store and the diskcache store (and --workers 2);
+3. record-mode overhead over calling the simulator directly;
+4. streaming replay of a 200-event response: time to first and last event vs the simulator;
+5. mitmproxy's server replay of the same exchange, the best-known peer;
+6. scale: a cassette of 100,000 recordings against one of 100, start-up time and RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from proxy.canonical import IncomingRequest, KeyPolicy, canonical_request, request_key
+from proxy.cassette import Entry, Recording, encode_entry
+from proxy.providers import parse_route
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+PROMPT = "Summarise the plot of a long novel in plain words."
+BARE_SERVER = """
+import sys
+from aiohttp import web
+body = open(sys.argv[2], "rb").read()
+async def answer(request):
+    await request.read()
+    return web.Response(body=body, content_type="application/json")
+app = web.Application()
+app.router.add_route("*", "/{tail:.*}", answer)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> float:
+    started = time.monotonic()
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server on {port} exited: {process.args}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.1):
+                return time.monotonic() - started
+        except OSError:
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"nothing listening on {port}") from None
+            time.sleep(0.005)
+
+
+class Server:
+    def __init__(self, name: str, command: list[str], port: int) -> None:
+        self.name, self.command, self.port = name, command, port
+        self.process: subprocess.Popen[bytes] | None = None
+        self.startup_s = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Server:
+        spawned = time.monotonic()
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, cwd=ROOT)
+        wait_port(self.port, self.process)
+        self.startup_s = time.monotonic() - spawned
+        return self
+
+    def rss_mb(self) -> float:
+        assert self.process is not None
+        total = 0
+        pids = [self.process.pid] + _children(self.process.pid)
+        for pid in pids:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            match = re.search(r"VmRSS:\s+(\d+) kB", status)
+            total += int(match.group(1)) if match else 0
+        return total / 1024
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        return []
+    return [int(line) for line in out.split()]
+
+
+@contextmanager
+def running(*servers: Server) -> Iterator[None]:
+    try:
+        for server in servers:
+            server.start()
+        yield
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def proxy_command(port: int, *args: str) -> list[str]:
+    return [PY, "-m", "proxy", "serve", "--port", str(port), *args]
+
+
+def chat_body(seed: int, max_tokens: int, stream: bool = False) -> bytes:
+    body: dict[str, Any] = {"model": "gpt-4o-mini", "seed": seed, "max_tokens": max_tokens,
+                            "messages": [{"role": "user", "content": PROMPT}]}
+    if stream:
+        body["stream"] = True
+    return orjson.dumps(body)
+
+
+def http_post(port: int, path: str, body: bytes, connection: Any = None) -> tuple[int, bytes, Any]:
+    import http.client
+
+    conn = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json",
+                                                   "Authorization": "Bearer sk-bench"})
+    response = conn.getresponse()
+    return response.status, response.read(), conn
+
+
+# ---- measurements ----------------------------------------------------------------------------
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk(url: str, body: bytes, duration: float, connections: int) -> dict[str, float]:
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                      f"wrk.body = {json.dumps(body.decode())}\n")
+    seconds = max(1, round(duration))  # wrk takes whole seconds
+    try:
+        out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+                              "-s", str(script), url], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        script.unlink()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    result = {"rps": rps}
+    for label, name in (("50%", "p50_ms"), ("99%", "p99_ms")):
+        match = re.search(rf"{re.escape(label)}\s+([\d.]+)(us|ms|s)\b", out)
+        result[name] = float(match.group(1)) * _UNITS[match.group(2)] if match else float("nan")
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"{url}: {errors.group(1)} failed responses\n{out}")
+    return result
+
+
+def interleave(runs: dict[str, Callable[[], dict[str, float]]], rounds: int
+               ) -> dict[str, dict[str, float]]:
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            samples[name].append(run())
+    return {name: {metric: statistics.median(s[metric] for s in results)
+                   for metric in results[0]} for name, results in samples.items()}
+
+
+def stream_times(port: int, path: str, body: bytes) -> tuple[float, float]:
+    """(time to first event, time to last event) in ms, over a fresh connection."""
+    request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               f"Authorization: Bearer sk-bench\r\nContent-Length: {len(body)}\r\n"
+               "Connection: close\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        started = time.perf_counter()
+        sock.sendall(request)
+        first = None
+        seen = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            seen += chunk
+            if first is None and b"data: " in seen:
+                first = time.perf_counter()
+            if b"data: [DONE]" in seen:
+                break
+        last = time.perf_counter()
+    assert first is not None and b"[DONE]" in seen
+    return (first - started) * 1000, (last - started) * 1000
+
+
+def sequential_ms(port: int, path: str, bodies: list[bytes]) -> list[float]:
+    times = []
+    connection = None
+    for body in bodies:
+        started = time.perf_counter()
+        status, _, connection = http_post(port, path, body, connection)
+        times.append((time.perf_counter() - started) * 1000)
+        assert status == 200, status
+    return times
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+# ---- fixtures --------------------------------------------------------------------------------
+
+def record_fixtures(work: Path, simulator: Server) -> dict[str, Any]:
+    """Record the 1.5 KB answer and the 200-event stream through replay-proxy."""
+    port = free_port()
+    recorder = Server("recorder", proxy_command(port, "--mode", "record", "--cassettes",
+                                                str(work / "cassettes"), "--openai-upstream",
+                                                simulator.url), port)
+    with running(recorder):
+        max_tokens = 100
+        while True:
+            status, answer, _ = http_post(port, "/c/bench/v1/chat/completions",
+                                          chat_body(42, max_tokens))
+            assert status == 200, answer
+            if len(answer) >= 1500:
+                break
+            max_tokens += 20
+        status, stream, _ = http_post(port, "/c/bench/v1/chat/completions",
+                                      chat_body(42, 197, stream=True))
+        events = stream.count(b"\n\n")
+    (work / "answer.json").write_bytes(answer)
+    return {"max_tokens": max_tokens, "answer_bytes": len(answer), "stream_events": events}
+
+
+def build_scale_cassettes(root: Path, template: Recording, sizes: dict[str, int]) -> None:
+    """Cassettes of N recordings, each a real key (seed i) so that every one can be hit."""
+    route = parse_route("/v1/chat/completions", {})
+    assert route is not None
+    headers = {"content-type": "application/json"}
+    for name, count in sizes.items():
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for seed in range(count):
+            incoming = IncomingRequest("POST", route, (), headers, chat_body(seed, 8))
+            canonical = canonical_request(incoming, KeyPolicy())
+            key = request_key(canonical)
+            entry = Entry(key, route.label, canonical).add(template)
+            (folder / f"{route.label}-{key}.json").write_bytes(encode_entry(entry))
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--scale", type=int, default=100_000, help="recordings in the big cassette")
+    parser.add_argument("--quick", action="store_true", help="1 round, 1 s runs, 10k recordings")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile a replay-proxy under load with py-spy")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.duration, args.scale = 1, 1.0, 10_000
+    if shutil.which("wrk") is None:
+        print("wrk is needed: apt-get install wrk (scripts/bench installs it)", file=sys.stderr)
+        return 2
+    mitmdump = os.environ.get("REPLAY_BENCH_MITMDUMP") or shutil.which("mitmdump")
+    results: dict[str, Any] = {
+        "command": "scripts/bench " + " ".join(sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "settings": {"rounds": args.rounds, "duration_s": args.duration,
+                     "connections": args.connections, "scale": args.scale},
+    }
+    with tempfile.TemporaryDirectory(prefix="replay-bench-") as temporary:
+        work = Path(temporary)
+        sim_port = free_port()
+        simulator = Server("simulator", [PY, "-m", "proxy", "simulate", "--port",
+                                         str(sim_port)], sim_port)
+        with running(simulator):
+            results["fixture"] = record_fixtures(work, simulator)
+            subprocess.run([PY, "-m", "proxy", "export", "--from", str(work / "cassettes"),
+                            "--to", f"diskcache:{work / 'diskcache'}"], check=True,
+                           capture_output=True)
+            body = chat_body(42, results["fixture"]["max_tokens"])
+            path = "/c/bench/v1/chat/completions"
+            results["throughput"] = measure_throughput(work, simulator, body, path, args,
+                                                       mitmdump)
+            results["record"] = measure_record(work, simulator, args)
+            results["streaming"] = measure_streaming(work, simulator, args)
+        results["scale"] = measure_scale(work, body, args)
+        if args.profile:
+            results["profile"] = profile_replay(work, body, path, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    report = markdown(results)
+    (args.out / "results.md").write_text(report)
+    print(report)
+    return 0
+
+
+def measure_throughput(work: Path, simulator: Server, body: bytes, path: str,
+                       args: argparse.Namespace, mitmdump: str | None) -> dict[str, Any]:
+    ports = {name: free_port() for name in ("bare", "directory", "diskcache", "workers2", "peer")}
+    cassettes = str(work / "cassettes")
+    servers = {
+        "bare": Server("bare", [PY, "-c", BARE_SERVER, str(ports["bare"]),
+                                str(work / "answer.json")], ports["bare"]),
+        "directory": Server("directory", proxy_command(
+            ports["directory"], "--mode", "replay", "--cassettes", cassettes), ports["directory"]),
+        "diskcache": Server("diskcache", proxy_command(
+            ports["diskcache"], "--mode", "replay", "--cassettes", cassettes,
+            "--store", f"diskcache:{work / 'diskcache'}"), ports["diskcache"]),
+        "workers2": Server("workers2", proxy_command(
+            ports["workers2"], "--mode", "replay", "--cassettes", cassettes, "--workers", "2"),
+            ports["workers2"]),
+    }
+    peer_note = None
+    if mitmdump and Path(mitmdump).exists():
+        flows = work / "peer.flows"
+        record_port = free_port()
+        recorder = Server("peer-record", [mitmdump, "-q", "--mode",
+                                          f"reverse:{simulator.url}", "-p", str(record_port),
+                                          "-w", str(flows)], record_port)
+        with running(recorder):
+            status, _, _ = http_post(record_port, path.replace("/c/bench", ""), body)
+            assert status == 200
+        servers["peer"] = Server("peer", [
+            mitmdump, "-q", "--mode", f"reverse:{simulator.url}", "-p", str(ports["peer"]),
+            "--server-replay", str(flows), "--set", "server_replay_reuse=true",
+            "--set", "server_replay_extra=404"], ports["peer"])
+    else:
+        peer_note = "mitmproxy not installed"
+    urls = {name: server.url + (path.replace("/c/bench", "") if name in ("bare", "peer")
+                                else path) for name, server in servers.items()}
+    for name, server in servers.items():
+        server.start()
+    try:
+        time.sleep(1.0)  # every worker listening
+        for name in servers:  # warm up: first hits read the store
+            wrk(urls[name], body, 0.5, args.connections)
+        measured = interleave({name: (lambda name=name: wrk(urls[name], body, args.duration,
+                                                             args.connections))
+                               for name in servers}, args.rounds)
+        rss = {name: server.rss_mb() for name, server in servers.items()}
+        startup = {name: server.startup_s for name, server in servers.items()}
+    finally:
+        for server in servers.values():
+            server.stop()
+    bare = measured["bare"]
+    for name, row in measured.items():
+        row["vs_bare"] = row["rps"] / bare["rps"]
+        row["p99_minus_bare_ms"] = row["p99_ms"] - bare["p99_ms"]
+        if "peer" in measured:
+            row["vs_peer"] = row["rps"] / measured["peer"]["rps"]
+        row["rss_mb"] = rss[name]
+        row["startup_s"] = startup[name]
+    return {"servers": measured, "peer_note": peer_note}
+
+
+def measure_record(work: Path, simulator: Server, args: argparse.Namespace) -> dict[str, Any]:
+    port = free_port()
+    proxy = Server("record", proxy_command(port, "--mode", "record", "--cassettes",
+                                           str(work / "record-cassettes"), "--openai-upstream",
+                                           simulator.url), port)
+    count = 100 if args.quick else 300
+    direct: list[float] = []
+    through: list[float] = []
+    with running(proxy):
+        direct_conn = proxy_conn = None
+        for seed in range(1000, 1000 + count):  # unique seeds: every proxied call is a miss
+            for target, times in (("direct", direct), ("proxy", through)):
+                body = chat_body(seed + (0 if target == "direct" else 10_000), 16)
+                started = time.perf_counter()
+                if target == "direct":
+                    status, _, direct_conn = http_post(simulator.port, "/v1/chat/completions",
+                                                       body, direct_conn)
+                else:
+                    status, _, proxy_conn = http_post(port, "/v1/chat/completions", body,
+                                                      proxy_conn)
+                times.append((time.perf_counter() - started) * 1000)
+                assert status == 200
+    return {"requests": count,
+            "direct_p50_ms": statistics.median(direct), "proxy_p50_ms": statistics.median(through),
+            "direct_p99_ms": percentile(direct, 0.99), "proxy_p99_ms": percentile(through, 0.99),
+            "overhead_p50_ms": statistics.median(through) - statistics.median(direct)}
+
+
+def measure_streaming(work: Path, simulator: Server, args: argparse.Namespace) -> dict[str, Any]:
+    port = free_port()
+    proxy = Server("stream", proxy_command(port, "--mode", "replay", "--cassettes",
+                                           str(work / "cassettes")), port)
+    body = chat_body(42, 197, stream=True)
+    samples: dict[str, list[tuple[float, float]]] = {"direct": [], "replay": []}
+    with running(proxy):
+        for _ in range(10 if args.quick else 40):
+            samples["direct"].append(stream_times(simulator.port, "/v1/chat/completions", body))
+            samples["replay"].append(stream_times(port, "/c/bench/v1/chat/completions", body))
+    result: dict[str, Any] = {}
+    for name, pairs in samples.items():
+        result[f"{name}_first_ms"] = statistics.median(p[0] for p in pairs)
+        result[f"{name}_last_ms"] = statistics.median(p[1] for p in pairs)
+    result["first_event_added_ms"] = result["replay_first_ms"] - result["direct_first_ms"]
+    return result
+
+
+def measure_scale(work: Path, body: bytes, args: argparse.Namespace) -> dict[str, Any]:
+    from proxy.cassette import decode_entry
+
+    template_file = next((work / "cassettes" / "bench").glob("chat.completions-*.json"))
+    entries = [decode_entry(p.read_bytes(), str(p))
+               for p in (work / "cassettes" / "bench").glob("chat.completions-*.json")]
+    template = next(e for e in entries if e.recordings[0].events is None).recordings[0]
+    del template_file
+    root = work / "scale"
+    started = time.monotonic()
+    build_scale_cassettes(root, template, {"small": 100, "large": args.scale})
+    built_s = time.monotonic() - started
+    port = free_port()
+    proxy = Server("scale", proxy_command(port, "--mode", "replay", "--cassettes", str(root)),
+                   port)
+    cold_count = 300 if not args.quick else 100
+    with running(proxy):
+        hot = {name: f"{proxy.url}/c/{name}/v1/chat/completions" for name in ("small", "large")}
+        probe = chat_body(7, 8)
+        for url in hot.values():
+            wrk(url, probe, 0.5, args.connections)
+        hot_rows = interleave({name: (lambda url=url: wrk(url, probe, args.duration,
+                                                          args.connections))
+                               for name, url in hot.items()}, args.rounds)
+        # Cold hits: each key requested for the first time, so the store itself is read.
+        cold = {name: statistics.median(sequential_ms(
+            port, f"/c/{name}/v1/chat/completions",
+            [chat_body(seed, 8) for seed in range(offset, offset + cold_count)]))
+            for name, offset in (("small", 0), ("large", 50_000 if args.scale > 50_000 else 0))}
+        rss = proxy.rss_mb()
+        startup = proxy.startup_s
+    return {"recordings": args.scale, "build_s": built_s, "startup_s": startup, "rss_mb": rss,
+            "hot": hot_rows, "cold_p50_ms": cold,
+            "hot_large_vs_small": hot_rows["large"]["rps"] / hot_rows["small"]["rps"],
+            "cold_large_vs_small": cold["large"] / cold["small"]}
+
+
+def profile_replay(work: Path, body: bytes, path: str, args: argparse.Namespace) -> list[str]:
+    py_spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    port = free_port()
+    proxy = Server("profile", proxy_command(port, "--mode", "replay", "--cassettes",
+                                            str(work / "cassettes")), port)
+    raw = work / "profile.txt"
+    with running(proxy):
+        assert proxy.process is not None
+        wrk(proxy.url + path, body, 0.5, args.connections)
+        load = threading.Thread(target=wrk, args=(proxy.url + path, body, 6.0, args.connections))
+        load.start()
+        time.sleep(0.5)
+        subprocess.run([py_spy, "record", "-p", str(proxy.process.pid), "-d", "4", "-r", "400",
+                        "-f", "raw", "-o", str(raw)], capture_output=True, check=False)
+        load.join()
+    return summarise_profile(raw)
+
+
+def summarise_profile(raw: Path) -> list[str]:
+    if not raw.exists():
+        return ["py-spy produced no profile (is ptrace allowed here?)"]
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        total += int(count)
+        for frame in set(stack.split(";")):
+            name = frame.split(" (")[0]
+            where = frame.split("(")[-1].split(":")[0]
+            if "proxy/" in where or name in ("RequestHandler._handle_request",
+                                             "StreamResponse.write_eof", "BaseRequest.read"):
+                inclusive[name] = inclusive.get(name, 0) + int(count)
+    rows = sorted(inclusive.items(), key=lambda item: -item[1])[:12]
+    return [f"{count / total:6.1%}  {name}" for name, count in rows]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = ["# replay-proxy benchmarks", "",
+             f"Command: `{results['command'].strip()}` on {results['machine']['cpus']} CPUs, "
+             f"Python {results['machine']['python']}. Medians of {results['settings']['rounds']} "
+             f"interleaved rounds of {results['settings']['duration_s']:g} s, wrk -t1 "
+             f"-c{results['settings']['connections']}. Response: "
+             f"{results['fixture']['answer_bytes']} bytes of chat.completion.", "",
+             "## Replay throughput", "",
+             "| server | requests/s | p50 ms | p99 ms | vs bare | vs mitmproxy | p99 - bare p99 ms |",
+             "|---|---|---|---|---|---|---|"]
+    labels = {"bare": "bare aiohttp, bytes from memory (the limit)",
+              "directory": "replay-proxy, directory store", "diskcache":
+              "replay-proxy, diskcache store", "workers2": "replay-proxy, --workers 2",
+              "peer": "mitmproxy server replay"}
+    for name, row in results["throughput"]["servers"].items():
+        lines.append(f"| {labels.get(name, name)} | {row['rps']:,.0f} | {row['p50_ms']:.2f} | "
+                     f"{row['p99_ms']:.2f} | {row['vs_bare']:.2f}x | "
+                     f"{row.get('vs_peer', float('nan')):.1f}x | {row['p99_minus_bare_ms']:+.2f} |")
+    if results["throughput"].get("peer_note"):
+        lines.append(f"\n(peer: {results['throughput']['peer_note']})")
+    record = results["record"]
+    stream = results["streaming"]
+    scale = results["scale"]
+    lines += ["", "## Record mode", "",
+              f"{record['requests']} unique requests, sequential, interleaved: direct to the "
+              f"simulator p50 {record['direct_p50_ms']:.2f} ms (p99 {record['direct_p99_ms']:.2f}),"
+              f" through replay-proxy recording each p50 {record['proxy_p50_ms']:.2f} ms (p99 "
+              f"{record['proxy_p99_ms']:.2f}): **{record['overhead_p50_ms']:+.2f} ms** median "
+              "overhead.", "",
+              f"## Streaming replay ({results['fixture']['stream_events']} events)", "",
+              "| | first event ms | last event ms |", "|---|---|---|",
+              f"| simulator direct | {stream['direct_first_ms']:.2f} | {stream['direct_last_ms']:.2f} |",
+              f"| replay-proxy replay | {stream['replay_first_ms']:.2f} | "
+              f"{stream['replay_last_ms']:.2f} |", "",
+              f"Replay adds **{stream['first_event_added_ms']:+.2f} ms** to the first event.", "",
+              f"## Scale ({scale['recordings']:,} recordings in one cassette vs 100)", "",
+              "| cassette | hot hit requests/s | cold hit p50 ms |", "|---|---|---|",
+              f"| 100 recordings | {scale['hot']['small']['rps']:,.0f} | "
+              f"{scale['cold_p50_ms']['small']:.3f} |",
+              f"| {scale['recordings']:,} recordings | {scale['hot']['large']['rps']:,.0f} | "
+              f"{scale['cold_p50_ms']['large']:.3f} |", "",
+              f"Hot hits (a request seen before) large/small: {scale['hot_large_vs_small']:.2f}x "
+              f"throughput; cold hits (first request for a key, read from the store): "
+              f"{scale['cold_large_vs_small']:.2f}x latency. Start-up with the large cassette: "
+              f"{scale['startup_s']:.2f} s (no scan at start); RSS after the runs: "
+              f"{scale['rss_mb']:.0f} MB.", ""]
+    rss = {name: row["rss_mb"] for name, row in results["throughput"]["servers"].items()}
+    lines.append("RSS after the throughput runs (MB): " + ", ".join(
+        f"{name} {value:.0f}" for name, value in rss.items()) + ".")
+    if results.get("profile"):
+        lines += ["", "## Profile of a replay hit under load (py-spy, inclusive share)", "", "```",
+                  *results["profile"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
