@@ -114,6 +114,7 @@ class ReplaySession:
         return self.url
 
     def _count(self, name: str) -> int:
+        self.proxy.call(self.proxy.state.flights.drain())  # answers already sent may be storing
         counts = self.proxy.state.by_cassette.get(self.cassette, Counter())
         return counts[name] - self._before[name]
 

@@ -80,13 +80,14 @@ def stored_headers(upstream_headers: Any) -> dict[str, str]:
 async def pump(state: ProxyState, exchange: Exchange, flight: Flight) -> None:
     """Fill the flight: from the upstream, or, when another process sharing the store recorded
     the key while this one waited for it, from that recording."""
-    if exchange.mode is not Mode.RECORD:
-        existing = None
-        if exchange.action is Action.RECORD:  # refresh: compared with the pinned recording
-            existing = await state.store.get(exchange.cassette, exchange.key, exchange.route.label)
-        await _forward(state, exchange, flight, existing)
+    if exchange.action is not Action.RECORD:  # passthrough: nothing to store
+        await _forward(state, exchange, flight, None)
         return
     async with state.store.lock(exchange.cassette, exchange.key):
+        if exchange.mode is Mode.REFRESH:  # always forward; compare with the pinned recording
+            existing = await state.store.get(exchange.cassette, exchange.key, exchange.route.label)
+            await _forward(state, exchange, flight, existing)
+            return
         stored = await state.store.get(exchange.cassette, exchange.key, exchange.route.label)
         selection = fingerprints.select(stored, exchange.fingerprint) if stored else None
         if stored is None or selection is None or selection.recording is None:

@@ -113,7 +113,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     try:
         if state.settings.auth_token is not None:
             _authorise(request, state.settings.auth_token)
-        body = await _read_body(request, state.settings.max_body)
+        body = await request.read()  # client_max_size is --max-body: over it, a 413 below
         headers = request.headers
         hot_key = (request.method, request.raw_path, body,
                    *[headers.get(name) for name in state.hot_headers])
@@ -128,10 +128,17 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         return await _serve(request, state, body, hot_key)
     except ProxyError as exc:
         return error_response(exc)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(ProxyError(
+            f"The request body is larger than --max-body ({state.settings.max_body} bytes); "
+            "raise --max-body to proxy larger requests.", status=413, code="request_too_large"))
+    except (ContentEncodingError, RequestPayloadError) as exc:
+        return error_response(ProxyError(
+            f"The request body could not be read ({exc}); if it has a Content-Encoding "
+            f"({request.headers.get('Content-Encoding', 'none')}), it must decode.",
+            code="invalid_body_encoding"))
     except web.HTTPException as exc:
         reason = exc.text or exc.reason
-        if exc.status == 413:
-            reason = f"The request body is larger than --max-body ({state.settings.max_body} bytes)."
         return error_response(ProxyError(reason, status=exc.status, code=f"http_{exc.status}"))
     except Exception as exc:
         log.exception("unexpected error while handling %s %s", request.method, request.path)
@@ -243,23 +250,6 @@ def _locate(request: web.Request, settings: Settings) -> tuple[str, Route, dict[
             status=404, code="unknown_url",
         )
     return cassette, route, query
-
-
-async def _read_body(request: web.Request, max_body: int) -> bytes:
-    try:
-        return await request.read()  # the app's client_max_size is max_body: over it, 413
-    except web.HTTPRequestEntityTooLarge:
-        raise ProxyError(
-            f"The request body is larger than --max-body ({max_body} bytes); raise --max-body "
-            "to proxy larger requests.",
-            status=413, code="request_too_large",
-        ) from None
-    except (ContentEncodingError, RequestPayloadError) as exc:
-        raise ProxyError(
-            f"The request body could not be read ({exc}); if it has a Content-Encoding "
-            f"({request.headers.get('Content-Encoding', 'none')}), it must decode.",
-            code="invalid_body_encoding",
-        ) from exc
 
 
 def _inject_seed(route: Route, headers: dict[str, str], body: bytes, seed: int | None) -> bytes:

@@ -109,6 +109,11 @@ class SingleFlight:
         if flight.followers <= 0 and not flight.finished and flight.pump is not None:
             flight.pump.cancel()
 
+    async def drain(self) -> None:
+        """Wait until every flight under way, storing included, is done."""
+        pumps = [flight.pump for flight in self._flights.values() if flight.pump is not None]
+        await asyncio.gather(*pumps, return_exceptions=True)
+
     async def close(self) -> None:
         """Let finished flights finish storing; abandon the ones still reading upstream."""
         pumps = []

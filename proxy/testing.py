@@ -153,3 +153,38 @@ def run_proxy_process(*args: str, env: dict[str, str] | None = None,
                 process.wait()
         if process.stderr is not None:
             process.stderr.close()
+
+
+@contextmanager
+def run_redis(timeout: float = 20.0) -> Iterator[str]:
+    """A throwaway redis-server on a free loopback port, no persistence; yields its URL."""
+    import shutil
+    import tempfile
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (scripts/test installs Debian's "
+                           "redis-server package)")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="replay-redis-") as folder:
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", folder, "--protected-mode", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+                        sock.sendall(b"PING\r\n")
+                        if sock.recv(64).startswith(b"+PONG"):
+                            break
+                except OSError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start on port {port}")
+                time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            process.terminate()
+            process.wait(timeout=10)

@@ -51,6 +51,12 @@ class Upstream:
             name: value for name, value in incoming.items()
             if name not in _HOP_BY_HOP and not name.startswith("x-replay-")
         }
+        # Ask for compression only when the client did, and only in encodings decoded here;
+        # the answer reaches the client (and the store) decoded either way.
+        accepted = [token.strip() for token in incoming.get("accept-encoding", "").split(",")
+                    if token.split(";")[0].strip() in ("gzip", "deflate")]
+        if accepted:
+            headers["accept-encoding"] = ", ".join(accepted)
         if self._settings.auth_token is not None:
             # The client's key is the proxy's access token, never a provider credential.
             headers.pop("authorization", None)
@@ -68,7 +74,7 @@ class Upstream:
         try:
             return await self._session.request(
                 method, url, headers=dict(self.headers(route, headers)), data=body or None,
-                allow_redirects=False,
+                allow_redirects=False, skip_auto_headers=("Accept-Encoding",),
             )
         except TimeoutError as exc:
             raise UpstreamError(

@@ -10,12 +10,30 @@ import pytest
 
 from proxy.config import Settings
 from proxy.modes import Mode
-from proxy.testing import ProxyThread, SimulatorThread, run_proxy, run_simulator
+from proxy.testing import ProxyThread, SimulatorThread, run_proxy, run_redis, run_simulator
 
 # A key that looks like a real one, so the tests can search the store for it.
 SECRET_KEY = "sk-proj-TESTSECRETkeyDoNotStore1234567890abcdef"
 ORG_ID = "org-TESTORGANISATIONid42"
 PROJECT_ID = "proj_TESTPROJECTid4242"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """A real redis-server for the session (scripts/test installs it when missing)."""
+    with run_redis() as url:
+        yield url
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    """A clean database for one test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server)
+    client.flushdb()
+    client.close()
+    return redis_server
 
 
 @pytest.fixture

@@ -17,9 +17,13 @@ BACKENDS: dict[str, Callable[[Path], str]] = {
 }
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=[*sorted(BACKENDS), "redis"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    backend = open_store(BACKENDS[request.param](tmp_path))
+    if request.param == "redis":
+        spec = request.getfixturevalue("redis_url")
+    else:
+        spec = BACKENDS[request.param](tmp_path)
+    backend = open_store(spec)
     yield backend
     await backend.close()
 
@@ -84,3 +88,31 @@ async def test_directory_store_names_files_readably_and_reports_corruption(tmp_p
     assert await store.get("default", "b" * 64, "chat.completions") == entry("b" * 64)
     items = {item.key: item for item in await store.items("default")}
     assert items["a" * 64].error is not None and items["b" * 64].entry is not None
+
+
+async def test_lock_serialises_holders(store: Store) -> None:
+    import asyncio
+
+    order: list[str] = []
+
+    async def holder(name: str) -> None:
+        async with store.lock("default", "k" * 64):
+            order.append(f"{name} in")
+            await asyncio.sleep(0.05)
+            order.append(f"{name} out")
+
+    await asyncio.gather(holder("a"), holder("b"))
+    assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
+
+
+async def test_redis_keys_are_namespaced_by_cassette_with_ttl(redis_url: str) -> None:
+    import redis.asyncio as redis
+
+    store = open_store(redis_url + "?ttl=60&prefix=team")
+    await store.put("suite-a", entry("a" * 64))
+    client = redis.Redis.from_url(redis_url)
+    keys = sorted(k.decode() for k in await client.keys("*"))
+    assert f"team:{{suite-a}}:e:{'a' * 64}" in keys and "team:{suite-a}:index" in keys
+    assert 0 < await client.ttl(f"team:{{suite-a}}:e:{'a' * 64}") <= 60
+    await client.aclose()
+    await store.close()

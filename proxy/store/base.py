@@ -54,7 +54,9 @@ def open_store(spec: str | Path) -> Store:
 
         return DiskcacheStore(Path(text[len("diskcache:"):]))
     if text.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(f"--store {text}: the Redis store is not available in this version.")
+        from .redis_store import RedisStore
+
+        return RedisStore(text)
     if text.startswith("dir:"):
         text = text[len("dir:"):]
     from .directory import DirectoryStore

@@ -6,6 +6,7 @@ same folder and are renamed into place, so a reader or a crash never sees half a
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from collections.abc import Sequence
@@ -16,7 +17,17 @@ from ..cassette import Entry, decode_entry, encode_entry
 from ..errors import CassetteError
 from ..usage import STATE_DIR
 from .base import StoredItem
-from .locking import file_lock
+from .locking import StripedLocks
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 class DirectoryStore:
@@ -24,6 +35,7 @@ class DirectoryStore:
         self.root = root
         self.description = f"directory {root}"
         self._folders: set[Path] = set()
+        self._locks = StripedLocks(root / STATE_DIR / "locks")
 
     def path_for(self, cassette: str, key: str, label: str) -> Path:
         return self.root / cassette / f"{label}-{key}.json"
@@ -41,13 +53,9 @@ class DirectoryStore:
         if path.parent not in self._folders:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._folders.add(path.parent)
-        temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        try:
-            with open(temporary, "wb") as handle:
-                handle.write(encode_entry(entry))
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        # Creating a file costs far more than a request on some disks: write in a thread so
+        # the event loop keeps serving meanwhile.
+        await asyncio.to_thread(_write_atomically, path, encode_entry(entry))
 
     async def delete(self, cassette: str, key: str, label: str) -> bool:
         try:
@@ -87,7 +95,7 @@ class DirectoryStore:
         return found
 
     def lock(self, cassette: str, key: str) -> AbstractAsyncContextManager[None]:
-        return file_lock(self.root / STATE_DIR / "locks", cassette, key)
+        return self._locks.hold(cassette, key)
 
     async def close(self) -> None:
-        return None
+        self._locks.close()

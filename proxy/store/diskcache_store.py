@@ -11,7 +11,7 @@ import diskcache
 from ..cassette import Entry, decode_entry, encode_entry
 from ..errors import CassetteError
 from .base import StoredItem
-from .locking import file_lock
+from .locking import StripedLocks
 
 _SEPARATOR = "\x1f"
 
@@ -34,6 +34,7 @@ class DiskcacheStore:
         self.path = path
         self.description = f"diskcache:{path}"
         self._cache = diskcache.Cache(str(path), disk=_BytesOnlyDisk)
+        self._locks = StripedLocks(path / "locks")
 
     def _name(self, cassette: str, key: str) -> str:
         return f"{cassette}{_SEPARATOR}{key}"
@@ -74,7 +75,8 @@ class DiskcacheStore:
         return found
 
     def lock(self, cassette: str, key: str) -> AbstractAsyncContextManager[None]:
-        return file_lock(self.path / "locks", cassette, key)
+        return self._locks.hold(cassette, key)
 
     async def close(self) -> None:
+        self._locks.close()
         self._cache.close()

@@ -1,5 +1,11 @@
-"""Cross-process locks on one key, so that several proxy processes sharing a store make one
-upstream call per key. A lock is a file held with flock; it dies with its process."""
+"""Cross-process locks on keys, so that several proxy processes sharing a store make one
+upstream call per key.
+
+Keys hash onto a fixed set of lock files (stripes), opened once and held with flock, so that
+taking a lock costs no file creation. Within one process, holders of one key queue on an
+asyncio lock, and holders of different keys on one stripe share its flock, which is let go when
+the last of them leaves. A lock dies with its process.
+"""
 
 from __future__ import annotations
 
@@ -11,40 +17,72 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+STRIPES = 1024
 
-@contextlib.asynccontextmanager
-async def file_lock(folder: Path, cassette: str, key: str,
-                    timeout: float = 900.0) -> AsyncIterator[None]:
-    if not folder.is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
-    tag = hashlib.sha256(cassette.encode()).hexdigest()[:12]
-    path = folder / f"{tag}-{key}.lock"
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    delay = 0.002
-    while True:
-        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+class StripedLocks:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._fds: dict[int, int] = {}
+        self._holders: dict[int, int] = {}
+        self._keys: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    def _fd(self, stripe: int) -> int:
+        fd = self._fds.get(stripe)
+        if fd is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.folder / f"{stripe:04d}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            self._fds[stripe] = fd
+        return fd
+
+    @contextlib.asynccontextmanager
+    async def hold(self, cassette: str, key: str, timeout: float = 900.0) -> AsyncIterator[None]:
+        name = f"{cassette}\x1f{key}"
+        key_lock, users = self._keys.get(name, (asyncio.Lock(), 0))
+        self._keys[name] = (key_lock, users + 1)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(handle)
-            if loop.time() > deadline:
-                raise TimeoutError(f"waited {timeout:.0f}s for another process recording "
-                                   f"{cassette}/{key[:16]}") from None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
-            continue
-        # The holder before us unlinks the file when done; a lock on an unlinked file is void.
+            async with key_lock, self._stripe(name, timeout):
+                yield
+        finally:
+            key_lock, users = self._keys[name]
+            if users == 1:
+                del self._keys[name]
+            else:
+                self._keys[name] = (key_lock, users - 1)
+
+    @contextlib.asynccontextmanager
+    async def _stripe(self, name: str, timeout: float) -> AsyncIterator[None]:
+        digest = hashlib.sha256(name.encode()).digest()
+        stripe = int.from_bytes(digest[:4], "big") % STRIPES
+        if self._holders.get(stripe, 0) == 0:
+            await self._acquire(stripe, timeout, name.replace("\x1f", "/")[:80])
+        self._holders[stripe] = self._holders.get(stripe, 0) + 1
         try:
-            same = os.fstat(handle).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(handle)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        os.close(handle)
+            yield
+        finally:
+            self._holders[stripe] -= 1
+            if self._holders[stripe] == 0:
+                fcntl.flock(self._fds[stripe], fcntl.LOCK_UN)
+
+    async def _acquire(self, stripe: int, timeout: float, name: str) -> None:
+        fd = self._fd(stripe)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.002
+        while True:
+            if self._holders.get(stripe, 0):  # taken in this process while we slept
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if loop.time() > deadline:
+                    raise TimeoutError(f"waited {timeout:.0f}s for another process recording "
+                                       f"{name}") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
