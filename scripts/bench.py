@@ -36,9 +36,11 @@ import orjson
 from proxy.canonical import IncomingRequest, KeyPolicy, canonical_request, request_key
 from proxy.cassette import Entry, Recording, encode_entry
 from proxy.providers import parse_route
+from proxy.testing import run_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+SECTIONS = ["throughput", "record", "streaming", "scale"]
 PROMPT = "Summarise the plot of a long novel in plain words."
 BARE_SERVER = """
 import sys
@@ -284,6 +286,8 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true",
                         help="also profile a replay-proxy under load with py-spy")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    parser.add_argument("--only", nargs="+", default=SECTIONS, choices=SECTIONS,
+                        help="run only these sections")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.duration, args.scale = 1, 1.0, 10_000
@@ -298,25 +302,31 @@ def main() -> int:
         "settings": {"rounds": args.rounds, "duration_s": args.duration,
                      "connections": args.connections, "scale": args.scale},
     }
-    with tempfile.TemporaryDirectory(prefix="replay-bench-") as temporary:
+    # Inside the checkout, where cassettes live: file creation costs differ a lot between disks.
+    with tempfile.TemporaryDirectory(prefix=".bench-", dir=ROOT) as temporary:
         work = Path(temporary)
         sim_port = free_port()
         simulator = Server("simulator", [PY, "-m", "proxy", "simulate", "--port",
                                          str(sim_port)], sim_port)
-        with running(simulator):
+        with running(simulator), run_redis() as redis_url:
+            args.redis_url = redis_url
             results["fixture"] = record_fixtures(work, simulator)
-            subprocess.run([PY, "-m", "proxy", "export", "--from", str(work / "cassettes"),
-                            "--to", f"diskcache:{work / 'diskcache'}"], check=True,
-                           capture_output=True)
+            for target in (f"diskcache:{work / 'diskcache'}", args.redis_url):
+                subprocess.run([PY, "-m", "proxy", "export", "--from", str(work / "cassettes"),
+                                "--to", target], check=True, capture_output=True)
             body = chat_body(42, results["fixture"]["max_tokens"])
             path = "/c/bench/v1/chat/completions"
-            results["throughput"] = measure_throughput(work, simulator, body, path, args,
-                                                       mitmdump)
-            results["record"] = measure_record(work, simulator, args)
-            results["streaming"] = measure_streaming(work, simulator, args)
-        results["scale"] = measure_scale(work, body, args)
-        if args.profile:
-            results["profile"] = profile_replay(work, body, path, args)
+            if "throughput" in args.only:
+                results["throughput"] = measure_throughput(work, simulator, body, path, args,
+                                                           mitmdump)
+            if "record" in args.only:
+                results["record"] = measure_record(work, simulator, args)
+            if "streaming" in args.only:
+                results["streaming"] = measure_streaming(work, simulator, args)
+            if "scale" in args.only:
+                results["scale"] = measure_scale(work, body, args)
+            if args.profile:
+                results["profile"] = profile_replay(work, body, path, args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     report = markdown(results)
@@ -327,7 +337,8 @@ def main() -> int:
 
 def measure_throughput(work: Path, simulator: Server, body: bytes, path: str,
                        args: argparse.Namespace, mitmdump: str | None) -> dict[str, Any]:
-    ports = {name: free_port() for name in ("bare", "directory", "diskcache", "workers2", "peer")}
+    ports = {name: free_port()
+             for name in ("bare", "directory", "diskcache", "redis", "workers2", "peer")}
     cassettes = str(work / "cassettes")
     servers = {
         "bare": Server("bare", [PY, "-c", BARE_SERVER, str(ports["bare"]),
@@ -337,6 +348,9 @@ def measure_throughput(work: Path, simulator: Server, body: bytes, path: str,
         "diskcache": Server("diskcache", proxy_command(
             ports["diskcache"], "--mode", "replay", "--cassettes", cassettes,
             "--store", f"diskcache:{work / 'diskcache'}"), ports["diskcache"]),
+        "redis": Server("redis", proxy_command(
+            ports["redis"], "--mode", "replay", "--cassettes", cassettes,
+            "--store", args.redis_url), ports["redis"]),
         "workers2": Server("workers2", proxy_command(
             ports["workers2"], "--mode", "replay", "--cassettes", cassettes, "--workers", "2"),
             ports["workers2"]),
@@ -385,31 +399,32 @@ def measure_throughput(work: Path, simulator: Server, body: bytes, path: str,
 
 
 def measure_record(work: Path, simulator: Server, args: argparse.Namespace) -> dict[str, Any]:
-    port = free_port()
-    proxy = Server("record", proxy_command(port, "--mode", "record", "--cassettes",
-                                           str(work / "record-cassettes"), "--openai-upstream",
-                                           simulator.url), port)
+    """Sequential unique requests: direct, through a passthrough proxy (the cost of the hop
+    alone), and through a recording proxy (hop plus keying, locking and storing)."""
+    ports = {"passthrough": free_port(), "record": free_port()}
+    proxies = [Server(mode, proxy_command(port, "--mode", mode, "--cassettes",
+                                          str(work / "record-cassettes"), "--openai-upstream",
+                                          simulator.url), port) for mode, port in ports.items()]
     count = 100 if args.quick else 300
-    direct: list[float] = []
-    through: list[float] = []
-    with running(proxy):
-        direct_conn = proxy_conn = None
-        for seed in range(1000, 1000 + count):  # unique seeds: every proxied call is a miss
-            for target, times in (("direct", direct), ("proxy", through)):
-                body = chat_body(seed + (0 if target == "direct" else 10_000), 16)
+    times: dict[str, list[float]] = {"direct": [], "passthrough": [], "record": []}
+    targets = {"direct": simulator.port, **ports}
+    with running(*proxies):
+        connections: dict[str, Any] = dict.fromkeys(times)
+        for seed in range(1000, 1000 + count):  # unique seeds: every recording call is a miss
+            for offset, (name, port) in enumerate(targets.items()):
+                body = chat_body(seed + offset * 10_000, 16)
                 started = time.perf_counter()
-                if target == "direct":
-                    status, _, direct_conn = http_post(simulator.port, "/v1/chat/completions",
-                                                       body, direct_conn)
-                else:
-                    status, _, proxy_conn = http_post(port, "/v1/chat/completions", body,
-                                                      proxy_conn)
-                times.append((time.perf_counter() - started) * 1000)
+                status, _, connections[name] = http_post(port, "/v1/chat/completions", body,
+                                                         connections[name])
+                times[name].append((time.perf_counter() - started) * 1000)
                 assert status == 200
-    return {"requests": count,
-            "direct_p50_ms": statistics.median(direct), "proxy_p50_ms": statistics.median(through),
-            "direct_p99_ms": percentile(direct, 0.99), "proxy_p99_ms": percentile(through, 0.99),
-            "overhead_p50_ms": statistics.median(through) - statistics.median(direct)}
+    result: dict[str, Any] = {"requests": count}
+    for name, values in times.items():
+        result[f"{name}_p50_ms"] = statistics.median(values)
+        result[f"{name}_p99_ms"] = percentile(values, 0.99)
+    result["overhead_p50_ms"] = result["record_p50_ms"] - result["direct_p50_ms"]
+    result["hop_p50_ms"] = result["passthrough_p50_ms"] - result["direct_p50_ms"]
+    return result
 
 
 def measure_streaming(work: Path, simulator: Server, args: argparse.Namespace) -> dict[str, Any]:
@@ -461,10 +476,30 @@ def measure_scale(work: Path, body: bytes, args: argparse.Namespace) -> dict[str
             for name, offset in (("small", 0), ("large", 50_000 if args.scale > 50_000 else 0))}
         rss = proxy.rss_mb()
         startup = proxy.startup_s
+    by_store = cold_hits_by_store(root, args, cold_count)
     return {"recordings": args.scale, "build_s": built_s, "startup_s": startup, "rss_mb": rss,
-            "hot": hot_rows, "cold_p50_ms": cold,
+            "hot": hot_rows, "cold_p50_ms": cold, "cold_by_store_p50_ms": by_store,
             "hot_large_vs_small": hot_rows["large"]["rps"] / hot_rows["small"]["rps"],
             "cold_large_vs_small": cold["large"] / cold["small"]}
+
+
+def cold_hits_by_store(root: Path, args: argparse.Namespace, count: int) -> dict[str, float]:
+    """First-time hits on 100 keys, one fresh proxy per store: what reading the store costs."""
+    stores = {"directory": str(root), "diskcache": f"diskcache:{root.parent / 'cold-cache'}",
+              "redis": args.redis_url + "?prefix=cold"}
+    for name in ("diskcache", "redis"):
+        subprocess.run([PY, "-m", "proxy", "export", "--from", str(root), "--to", stores[name],
+                        "--cassette", "small"], check=True, capture_output=True)
+    samples: dict[str, list[float]] = {name: [] for name in stores}
+    for _ in range(max(1, args.rounds)):
+        for name, spec in stores.items():
+            port = free_port()
+            proxy = Server(name, proxy_command(port, "--mode", "replay", "--cassettes", str(root),
+                                               "--store", spec), port)
+            with running(proxy):
+                samples[name] += sequential_ms(port, "/c/small/v1/chat/completions",
+                                               [chat_body(seed, 8) for seed in range(count)])
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def profile_replay(work: Path, body: bytes, path: str, args: argparse.Namespace) -> list[str]:
@@ -510,12 +545,49 @@ def markdown(results: dict[str, Any]) -> str:
              f"interleaved rounds of {results['settings']['duration_s']:g} s, wrk -t1 "
              f"-c{results['settings']['connections']}. Response: "
              f"{results['fixture']['answer_bytes']} bytes of chat.completion.", "",
-             "## Replay throughput", "",
+             ]
+    if "throughput" in results:
+        lines += markdown_throughput(results)
+    if "record" in results:
+        record = results["record"]
+        lines += ["## Record mode", "",
+                  f"{record['requests']} unique requests each, sequential, interleaved "
+                  "(median / p99 ms):", "",
+                  "| path | p50 ms | p99 ms |", "|---|---|---|",
+                  f"| simulator direct | {record['direct_p50_ms']:.2f} | "
+                  f"{record['direct_p99_ms']:.2f} |",
+                  f"| replay-proxy --mode passthrough (the hop alone) | "
+                  f"{record['passthrough_p50_ms']:.2f} | {record['passthrough_p99_ms']:.2f} |",
+                  f"| replay-proxy --mode record (every request a new key) | "
+                  f"{record['record_p50_ms']:.2f} | {record['record_p99_ms']:.2f} |", "",
+                  f"Recording adds **{record['overhead_p50_ms']:+.2f} ms** median over direct, "
+                  f"of which the proxy hop itself is {record['hop_p50_ms']:+.2f} ms.", ""]
+    if "streaming" in results:
+        stream = results["streaming"]
+        lines += [f"## Streaming replay ({results['fixture']['stream_events']} events)", "",
+                  "| | first event ms | last event ms |", "|---|---|---|",
+                  f"| simulator direct | {stream['direct_first_ms']:.2f} | "
+                  f"{stream['direct_last_ms']:.2f} |",
+                  f"| replay-proxy replay | {stream['replay_first_ms']:.2f} | "
+                  f"{stream['replay_last_ms']:.2f} |", "",
+                  f"Replay adds **{stream['first_event_added_ms']:+.2f} ms** to the first "
+                  "event.", ""]
+    if "scale" in results:
+        lines += markdown_scale(results["scale"])
+    if results.get("profile"):
+        lines += ["## Profile of a replay hit under load (py-spy, inclusive share)", "", "```",
+                  *results["profile"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_throughput(results: dict[str, Any]) -> list[str]:
+    lines = ["## Replay throughput", "",
              "| server | requests/s | p50 ms | p99 ms | vs bare | vs mitmproxy | p99 - bare p99 ms |",
              "|---|---|---|---|---|---|---|"]
     labels = {"bare": "bare aiohttp, bytes from memory (the limit)",
               "directory": "replay-proxy, directory store", "diskcache":
-              "replay-proxy, diskcache store", "workers2": "replay-proxy, --workers 2",
+              "replay-proxy, diskcache store", "redis": "replay-proxy, Redis store",
+              "workers2": "replay-proxy, --workers 2 (directory)",
               "peer": "mitmproxy server replay"}
     for name, row in results["throughput"]["servers"].items():
         lines.append(f"| {labels.get(name, name)} | {row['rps']:,.0f} | {row['p50_ms']:.2f} | "
@@ -523,39 +595,27 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{row.get('vs_peer', float('nan')):.1f}x | {row['p99_minus_bare_ms']:+.2f} |")
     if results["throughput"].get("peer_note"):
         lines.append(f"\n(peer: {results['throughput']['peer_note']})")
-    record = results["record"]
-    stream = results["streaming"]
-    scale = results["scale"]
-    lines += ["", "## Record mode", "",
-              f"{record['requests']} unique requests, sequential, interleaved: direct to the "
-              f"simulator p50 {record['direct_p50_ms']:.2f} ms (p99 {record['direct_p99_ms']:.2f}),"
-              f" through replay-proxy recording each p50 {record['proxy_p50_ms']:.2f} ms (p99 "
-              f"{record['proxy_p99_ms']:.2f}): **{record['overhead_p50_ms']:+.2f} ms** median "
-              "overhead.", "",
-              f"## Streaming replay ({results['fixture']['stream_events']} events)", "",
-              "| | first event ms | last event ms |", "|---|---|---|",
-              f"| simulator direct | {stream['direct_first_ms']:.2f} | {stream['direct_last_ms']:.2f} |",
-              f"| replay-proxy replay | {stream['replay_first_ms']:.2f} | "
-              f"{stream['replay_last_ms']:.2f} |", "",
-              f"Replay adds **{stream['first_event_added_ms']:+.2f} ms** to the first event.", "",
-              f"## Scale ({scale['recordings']:,} recordings in one cassette vs 100)", "",
-              "| cassette | hot hit requests/s | cold hit p50 ms |", "|---|---|---|",
-              f"| 100 recordings | {scale['hot']['small']['rps']:,.0f} | "
-              f"{scale['cold_p50_ms']['small']:.3f} |",
-              f"| {scale['recordings']:,} recordings | {scale['hot']['large']['rps']:,.0f} | "
-              f"{scale['cold_p50_ms']['large']:.3f} |", "",
-              f"Hot hits (a request seen before) large/small: {scale['hot_large_vs_small']:.2f}x "
-              f"throughput; cold hits (first request for a key, read from the store): "
-              f"{scale['cold_large_vs_small']:.2f}x latency. Start-up with the large cassette: "
-              f"{scale['startup_s']:.2f} s (no scan at start); RSS after the runs: "
-              f"{scale['rss_mb']:.0f} MB.", ""]
     rss = {name: row["rss_mb"] for name, row in results["throughput"]["servers"].items()}
-    lines.append("RSS after the throughput runs (MB): " + ", ".join(
-        f"{name} {value:.0f}" for name, value in rss.items()) + ".")
-    if results.get("profile"):
-        lines += ["", "## Profile of a replay hit under load (py-spy, inclusive share)", "", "```",
-                  *results["profile"], "```"]
-    return "\n".join(lines) + "\n"
+    lines += ["", "RSS after the throughput runs (MB): " + ", ".join(
+        f"{name} {value:.0f}" for name, value in rss.items()) + ".", ""]
+    return lines
+
+
+def markdown_scale(scale: dict[str, Any]) -> list[str]:
+    return [f"## Scale ({scale['recordings']:,} recordings in one cassette vs 100)", "",
+            "| cassette | hot hit requests/s | cold hit p50 ms |", "|---|---|---|",
+            f"| 100 recordings | {scale['hot']['small']['rps']:,.0f} | "
+            f"{scale['cold_p50_ms']['small']:.3f} |",
+            f"| {scale['recordings']:,} recordings | {scale['hot']['large']['rps']:,.0f} | "
+            f"{scale['cold_p50_ms']['large']:.3f} |", "",
+            f"Hot hits (a request seen before) large/small: {scale['hot_large_vs_small']:.2f}x "
+            f"throughput; cold hits (first request for a key, read from the store): "
+            f"{scale['cold_large_vs_small']:.2f}x latency. Start-up with the large cassette: "
+            f"{scale['startup_s']:.2f} s (no scan at start); RSS after the runs: "
+            f"{scale['rss_mb']:.0f} MB.", "",
+            "Cold hits by store (first request for each of 100 keys, a fresh proxy each, p50 ms): "
+            + ", ".join(f"{name} {value:.3f}" for name, value in
+                        scale["cold_by_store_p50_ms"].items()) + ".", ""]
 
 
 if __name__ == "__main__":

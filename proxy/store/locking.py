@@ -1,10 +1,11 @@
 """Cross-process locks on keys, so that several proxy processes sharing a store make one
 upstream call per key.
 
-Keys hash onto a fixed set of lock files (stripes), opened once and held with flock, so that
-taking a lock costs no file creation. Within one process, holders of one key queue on an
-asyncio lock, and holders of different keys on one stripe share its flock, which is let go when
-the last of them leaves. A lock dies with its process.
+Keys hash onto stripes: byte ranges of one lock file, opened once and locked with POSIX record
+locks, so that taking a lock costs no file creation (which is slow on some disks). Record locks
+belong to the process: within it, holders of one key queue on an asyncio lock, and holders of
+different keys on one stripe share the stripe's lock, let go when the last of them leaves. A
+lock dies with its process.
 """
 
 from __future__ import annotations
@@ -17,23 +18,21 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-STRIPES = 1024
+STRIPES = 4096
 
 
 class StripedLocks:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._fds: dict[int, int] = {}
+        self._fd: int | None = None
         self._holders: dict[int, int] = {}
         self._keys: dict[str, tuple[asyncio.Lock, int]] = {}
 
-    def _fd(self, stripe: int) -> int:
-        fd = self._fds.get(stripe)
-        if fd is None:
+    def _file(self) -> int:
+        if self._fd is None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.folder / f"{stripe:04d}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            self._fds[stripe] = fd
-        return fd
+            self._fd = os.open(self.folder / "stripes.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        return self._fd
 
     @contextlib.asynccontextmanager
     async def hold(self, cassette: str, key: str, timeout: float = 900.0) -> AsyncIterator[None]:
@@ -62,10 +61,10 @@ class StripedLocks:
         finally:
             self._holders[stripe] -= 1
             if self._holders[stripe] == 0:
-                fcntl.flock(self._fds[stripe], fcntl.LOCK_UN)
+                fcntl.lockf(self._file(), fcntl.LOCK_UN, 1, stripe)
 
     async def _acquire(self, stripe: int, timeout: float, name: str) -> None:
-        fd = self._fd(stripe)
+        fd = self._file()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         delay = 0.002
@@ -73,9 +72,9 @@ class StripedLocks:
             if self._holders.get(stripe, 0):  # taken in this process while we slept
                 return
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, stripe)
                 return
-            except BlockingIOError:
+            except OSError:  # EAGAIN or EACCES: another process holds the stripe
                 if loop.time() > deadline:
                     raise TimeoutError(f"waited {timeout:.0f}s for another process recording "
                                        f"{name}") from None
@@ -83,6 +82,6 @@ class StripedLocks:
                 delay = min(delay * 2, 0.05)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,74 @@
+"""Several proxies sharing one Redis: what one records, another replays; a burst across the
+fleet makes one upstream call."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx2
+import orjson
+from click.testing import CliRunner
+from openai import OpenAI
+
+from proxy.cli import main
+from proxy.testing import SimulatorThread, run_proxy_process
+
+CHAT = {"model": "gpt-4o-mini", "seed": 3, "messages": [{"role": "user", "content": "Fleet?"}]}
+
+
+def test_record_on_one_proxy_replay_on_another(redis_url: str, simulator: SimulatorThread,
+                                               tmp_path: object) -> None:
+    common = ("--store", redis_url, "--cassettes", str(tmp_path))
+    with run_proxy_process("--mode", "record", "--openai-upstream", simulator.url,
+                           *common) as (recorder, _), \
+            OpenAI(base_url=recorder + "/c/fleet/v1", api_key="sk-x") as client:
+        recorded = client.chat.completions.create(**CHAT)
+        streamed = list(client.chat.completions.create(**CHAT, stream=True))
+    simulator.stop()
+    with run_proxy_process("--mode", "replay", *common) as (replayer, _), \
+            OpenAI(base_url=replayer + "/c/fleet/v1", api_key="x") as client:
+        raw = client.chat.completions.with_raw_response.create(**CHAT)
+        assert raw.headers["x-replay-status"] == "hit"
+        assert raw.parse() == recorded
+        assert list(client.chat.completions.create(**CHAT, stream=True)) == streamed
+
+
+async def test_burst_across_two_proxies_makes_one_upstream_call(
+        redis_url: str, simulator: SimulatorThread, tmp_path: object) -> None:
+    simulator.state.latency = 0.5
+    common = ("--mode", "record", "--store", redis_url, "--cassettes", str(tmp_path),
+              "--openai-upstream", simulator.url)
+    with run_proxy_process(*common) as (first, _), run_proxy_process(*common) as (second, _):
+        async with httpx2.AsyncClient(timeout=30) as client:
+            responses = await asyncio.gather(*(
+                client.post(url + "/v1/chat/completions", content=orjson.dumps(CHAT),
+                            headers={"Authorization": "Bearer sk-x",
+                                     "Content-Type": "application/json"})
+                for url in [first, second] * 10))
+    assert {r.status_code for r in responses} == {200}
+    assert len({r.content for r in responses}) == 1, "every client got the same answer"
+    assert simulator.state.calls == 1
+    statuses = sorted({r.headers["x-replay-status"] for r in responses})
+    assert statuses == ["hit", "recorded"]
+
+
+def test_export_import_between_directory_diskcache_and_redis(
+        redis_url: str, simulator: SimulatorThread, tmp_path: object) -> None:
+    from pathlib import Path
+
+    root = Path(str(tmp_path))
+    with run_proxy_process("--mode", "record", "--cassettes", str(root / "dir"),
+                           "--openai-upstream", simulator.url) as (url, _), \
+            OpenAI(base_url=url + "/c/suite/v1", api_key="sk-x") as client:
+        client.chat.completions.create(**CHAT)
+        list(client.chat.completions.create(**CHAT, stream=True))
+    runner = CliRunner()
+    cache = f"diskcache:{root / 'cache'}"
+    for source, target in ((str(root / "dir"), redis_url), (redis_url, cache),
+                           (cache, str(root / "back"))):
+        result = runner.invoke(main, ["export", "--from", source, "--to", target])
+        assert result.exit_code == 0 and "copied 2 key(s)" in result.output, result.output
+    originals = sorted((root / "dir" / "suite").glob("*.json"))
+    assert len(originals) == 2
+    for path in originals:
+        assert (root / "back" / "suite" / path.name).read_bytes() == path.read_bytes()
