@@ -15,8 +15,8 @@ from .store import Store
 from .upstream import Upstream
 from .usage import UsageLog
 
-_CACHE_LIMIT = 20_000
-_HOT_LIMIT = 20_000
+_CACHE_LIMIT = 4096  # entries kept in memory; a bound on RSS, not on the store
+_HOT_LIMIT = 8192
 
 
 @dataclass(frozen=True)
