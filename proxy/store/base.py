@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from ..cassette import Entry
+from ..cassette import Entry, decode_entry
 from ..errors import CassetteError
 
 
@@ -22,6 +22,15 @@ class StoredItem:
     entry: Entry | None
     error: CassetteError | None = None
     size: int = 0
+
+
+def stored_item(cassette: str, label: str, key: str, raw: bytes, source: str) -> StoredItem:
+    """A listed key: its decoded entry, or the error that says why it cannot be read."""
+    try:
+        entry = decode_entry(raw, source)
+    except CassetteError as exc:
+        return StoredItem(cassette, label, key, None, exc, len(raw))
+    return StoredItem(cassette, entry.label, entry.key, entry, None, len(raw))
 
 
 class Store(Protocol):

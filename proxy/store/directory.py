@@ -14,9 +14,8 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from ..cassette import Entry, decode_entry, encode_entry
-from ..errors import CassetteError
 from ..usage import STATE_DIR
-from .base import StoredItem
+from .base import StoredItem, stored_item
 from .locking import StripedLocks
 
 
@@ -85,13 +84,7 @@ class DirectoryStore:
             if path.name.startswith("."):
                 continue
             label, _, key = path.stem.rpartition("-")
-            raw = path.read_bytes()
-            try:
-                entry = decode_entry(raw, str(path))
-            except CassetteError as exc:
-                found.append(StoredItem(cassette, label, key, None, exc, len(raw)))
-                continue
-            found.append(StoredItem(cassette, entry.label, entry.key, entry, None, len(raw)))
+            found.append(stored_item(cassette, label, key, path.read_bytes(), str(path)))
         return found
 
     def lock(self, cassette: str, key: str) -> AbstractAsyncContextManager[None]:

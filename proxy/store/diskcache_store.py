@@ -10,7 +10,7 @@ import diskcache
 
 from ..cassette import Entry, decode_entry, encode_entry
 from ..errors import CassetteError
-from .base import StoredItem
+from .base import StoredItem, stored_item
 from .locking import StripedLocks
 
 _SEPARATOR = "\x1f"
@@ -65,13 +65,8 @@ class DiskcacheStore:
             raw = self._cache.get(name)
             if raw is None:
                 continue
-            raw = bytes(raw)
-            try:
-                entry = decode_entry(raw, f"{self.description} [{cassette}/{key}]")
-            except CassetteError as exc:
-                found.append(StoredItem(cassette, "", key, None, exc, len(raw)))
-                continue
-            found.append(StoredItem(cassette, entry.label, key, entry, None, len(raw)))
+            found.append(stored_item(cassette, "", key, bytes(raw),
+                                     f"{self.description} [{cassette}/{key}]"))
         return found
 
     def lock(self, cassette: str, key: str) -> AbstractAsyncContextManager[None]:

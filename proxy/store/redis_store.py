@@ -18,8 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..cassette import Entry, decode_entry, encode_entry
-from ..errors import CassetteError
-from .base import StoredItem
+from .base import StoredItem, stored_item
 
 try:
     from redis import asyncio as redis
@@ -85,12 +84,8 @@ class RedisStore:
             if raw is None:  # expired: forget it
                 await self._client.srem(self._index_key(cassette), key)
                 continue
-            try:
-                entry = decode_entry(bytes(raw), f"{self.description} [{cassette}/{key}]")
-            except CassetteError as exc:
-                found.append(StoredItem(cassette, "", key, None, exc, len(raw)))
-                continue
-            found.append(StoredItem(cassette, entry.label, key, entry, None, len(raw)))
+            found.append(stored_item(cassette, "", key, bytes(raw),
+                                     f"{self.description} [{cassette}/{key}]"))
         return found
 
     def lock(self, cassette: str, key: str) -> AbstractAsyncContextManager[None]:

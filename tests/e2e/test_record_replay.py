@@ -80,11 +80,15 @@ def test_sync_client_records_then_replays_offline(make_proxy: ProxyFactory,
     assert len(packed.data) == 2 and len(base64.b64decode(packed.data[1].embedding)) == 16 * 4
 
 
-def test_status_and_key_headers(make_proxy: ProxyFactory) -> None:
+def test_status_and_key_headers(make_proxy: ProxyFactory, simulator: SimulatorThread,
+                                cassettes: Path) -> None:
     with make_proxy(Mode.RECORD) as proxy, OpenAI(base_url=proxy.url + "/v1",
                                                   api_key=SECRET_KEY) as client:
         first = client.chat.completions.with_raw_response.create(**CHAT, seed=1)
         second = client.chat.completions.with_raw_response.create(**CHAT, seed=1)
+    # The SDK accepts gzip, so the upstream compressed its answer; it is stored decoded.
+    assert "gzip" in simulator.state.last_headers["accept-encoding"]
+    assert '"body_encoding": "json-indent"' in recorded_files(cassettes)[0].read_text()
     assert first.headers["x-replay-status"] == "recorded"
     assert second.headers["x-replay-status"] == "hit"
     assert first.headers["x-replay-key"] == second.headers["x-replay-key"]
