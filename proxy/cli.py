@@ -374,13 +374,11 @@ def probe(base_url: str, api_key: str, model: str, prompt: str, count: int, seed
 
 @main.command()
 @click.argument("key_prefix")
-@click.option("--fingerprint", required=True, help="A system_fingerprint this key has recorded.")
-@click.option("--cassettes", type=click.Path(path_type=Path), default=Path("cassettes"),
-              show_default=True)
-@click.option("--store", default=None)
-@click.option("--cassette", default=None)
+@click.option("--fingerprint", required=True,
+              help="A system_fingerprint this key has recorded (null for none).")
+@_store_options
 def pin(key_prefix: str, fingerprint: str, cassettes: Path, store: str | None,
-        cassette: str | None) -> None:
+        cassette: str | None, as_json: bool) -> None:
     """Replay this key's recording under FINGERPRINT from now on."""
     item = _one(cassettes, store, cassette, key_prefix)
     if item.entry is None:
@@ -399,7 +397,12 @@ def pin(key_prefix: str, fingerprint: str, cassettes: Path, store: str | None,
             await backend.close()
 
     asyncio.run(save(replace(item.entry, pinned_fingerprint=wanted)))
-    click.echo(f"pinned {item.cassette}/{item.key[:16]} to {fingerprint}")
+    if as_json:
+        _echo_json({"cassette": item.cassette, "key": item.key, "pinned": wanted,
+                    "previous": item.entry.pinned_fingerprint})
+        return
+    click.echo(f"pinned {item.cassette}/{item.key[:16]} to {fingerprint} "
+               f"(was {item.entry.pinned_fingerprint}); a running proxy picks it up on restart")
 
 
 @main.command()
@@ -447,11 +450,15 @@ def prune(cassettes: Path, store: str | None, cassette: str | None, as_json: boo
 @main.command()
 @click.option("--cassettes", type=click.Path(path_type=Path), default=Path("cassettes"),
               show_default=True)
+@click.option("--cassette", default=None, help="Only this cassette's counters.")
 @click.option("--run", "run_id", default=None, help="One run (default: every run, and totals).")
 @click.option("--json", "as_json", is_flag=True)
-def stats(cassettes: Path, run_id: str | None, as_json: bool) -> None:
+def stats(cassettes: Path, cassette: str | None, run_id: str | None, as_json: bool) -> None:
     """Hits, misses, upstream calls and tokens replayed instead of paid, per run."""
     runs = read_runs(state_dir(cassettes))
+    if cassette is not None:
+        runs = [{**run, "totals": (run.get("cassettes") or {}).get(cassette, {})}
+                for run in runs if cassette in (run.get("cassettes") or {})]
     if run_id is not None:
         runs = [run for run in runs if run.get("run") == run_id]
         if not runs:
@@ -493,15 +500,24 @@ def _copy(source: str, target: str, cassette: str | None) -> int:
               help="Store to read: a directory, diskcache:PATH or redis://...")
 @click.option("--to", "target", required=True, help="Store to write.")
 @click.option("--cassette", default=None, help="Only this cassette.")
-def export_command(source: str, target: str, cassette: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True)
+def export_command(source: str, target: str, cassette: str | None, as_json: bool) -> None:
     """Copy recordings from one store to another, losslessly."""
-    click.echo(f"copied {_copy(source, target, cassette)} key(s) from {source} to {target}")
+    _report_copy(source, target, _copy(source, target, cassette), as_json)
+
+
+def _report_copy(source: str, target: str, copied: int, as_json: bool) -> None:
+    if as_json:
+        _echo_json({"from": source, "to": target, "copied": copied})
+    else:
+        click.echo(f"copied {copied} key(s) from {source} to {target}")
 
 
 @main.command("import")
 @click.option("--from", "source", required=True, help="Store to read.")
 @click.option("--to", "target", default="cassettes", show_default=True, help="Store to write.")
 @click.option("--cassette", default=None, help="Only this cassette.")
-def import_command(source: str, target: str, cassette: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True)
+def import_command(source: str, target: str, cassette: str | None, as_json: bool) -> None:
     """Copy recordings into a store (by default ./cassettes), losslessly."""
-    click.echo(f"copied {_copy(source, target, cassette)} key(s) from {source} to {target}")
+    _report_copy(source, target, _copy(source, target, cassette), as_json)

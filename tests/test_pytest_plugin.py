@@ -116,3 +116,30 @@ def test_never_records():
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*no recording in cassette 'test_marked/test_never_records'*"])
     assert simulator.state.calls == 0
+
+
+def test_xdist_workers_recording_a_shared_cassette_make_one_call(
+        pytester: pytest.Pytester, simulator: SimulatorThread,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(test_shared='''
+import pytest
+from openai import OpenAI
+
+@pytest.mark.parametrize("n", range(6))
+@pytest.mark.replay(cassette="shared")
+def test_same_question(n):
+    reply = OpenAI().chat.completions.create(
+        model="gpt-4o-mini", seed=5, messages=[{"role": "user", "content": "Same?"}])
+    assert reply.choices[0].message.content
+''')
+    simulator.state.latency = 0.3
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-recording-key")
+    monkeypatch.delenv("CI", raising=False)
+    result = pytester.runpytest_subprocess(
+        "--replay-mode", "record", "--replay-openai-upstream", simulator.url, "-n", "2",
+        "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=6)
+    assert simulator.state.calls == 1
+    files = list((pytester.path / "cassettes" / "shared").glob("chat.completions-*.json"))
+    assert len(files) == 1

@@ -103,8 +103,10 @@ def test_ls_show_and_pin(drifted: dict[str, str], cassettes: Path,
                                    "--cassettes", str(cassettes)])
     assert refused.exit_code == 1 and "recorded: fp_a, fp_b" in refused.output
     pinned = runner.invoke(main, ["pin", row["key"][:8], "--fingerprint", "fp_b",
-                                  "--cassettes", str(cassettes)])
+                                  "--cassettes", str(cassettes), "--json"])
     assert pinned.exit_code == 0, pinned.output
+    assert orjson.loads(pinned.output) == {"cassette": "default", "key": row["key"],
+                                           "pinned": "fp_b", "previous": "fp_a"}
     with make_proxy(Mode.REPLAY) as proxy:
         response = _post(proxy.url)
     assert (_answer(response), response.headers["x-replay-fingerprint"]) == \
@@ -164,6 +166,12 @@ def test_stats_and_prune(make_proxy: ProxyFactory, cassettes: Path) -> None:
     assert report["totals"]["hits"] == 2 and report["totals"]["recorded"] == 2
     assert report["totals"]["upstream_calls"] == 2 and report["totals"]["tokens_replayed"] > 0
     assert "total" in runner.invoke(main, ["stats", "--cassettes", str(cassettes)]).output
+    only = orjson.loads(runner.invoke(main, ["stats", "--cassettes", str(cassettes), "--cassette",
+                                             "default", "--json"]).output)
+    assert only["totals"]["hits"] == 2
+    none = orjson.loads(runner.invoke(main, ["stats", "--cassettes", str(cassettes), "--cassette",
+                                             "other", "--json"]).output)
+    assert none["runs"] == [] and none["totals"] == {}
     dry = runner.invoke(main, ["prune", "--cassettes", str(cassettes), "--dry-run"])
     assert dry.exit_code == 0 and "would delete 1 key(s)" in dry.output
     first_run = report["runs"][0]["run"]
