@@ -66,6 +66,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     session = aiohttp.ClientSession(
         timeout=client_timeout(state.settings), auto_decompress=True,
         connector=aiohttp.TCPConnector(limit=256, force_close=False),
+        # One session serves every client: an upstream cookie must never pass between them.
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
     state.upstream = Upstream(state.settings, session)
     state.usage = UsageLog(state_dir(state.settings.cassettes))

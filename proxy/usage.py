@@ -26,6 +26,13 @@ def state_dir(cassettes: Path) -> Path:
     return cassettes / STATE_DIR
 
 
+def ensure_state_dir(directory: Path) -> None:
+    """Create the folder, ignored by git wherever the cassettes are committed."""
+    if not directory.is_dir():
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / ".gitignore").write_text("# replay-proxy's usage log and locks\n*\n")
+
+
 def new_run_id() -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     return f"{stamp}-{os.getpid()}-{secrets.token_hex(2)}"
@@ -48,7 +55,8 @@ class UsageLog:
     def flush(self, counters: Mapping[str, Any]) -> None:
         """Write the run's counters and append the keys first used since the last flush."""
         try:
-            (self.directory / "runs").mkdir(parents=True, exist_ok=True)
+            ensure_state_dir(self.directory)
+            (self.directory / "runs").mkdir(exist_ok=True)
         except OSError:
             return  # a read-only checkout still replays; it just keeps no usage log
         pending, self._pending = self._pending, []

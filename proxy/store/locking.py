@@ -18,6 +18,8 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from ..usage import STATE_DIR, ensure_state_dir
+
 STRIPES = 4096
 
 
@@ -30,6 +32,8 @@ class StripedLocks:
 
     def _file(self) -> int:
         if self._fd is None:
+            if self.folder.parent.name == STATE_DIR:
+                ensure_state_dir(self.folder.parent)
             self.folder.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.folder / "stripes.lock", os.O_RDWR | os.O_CREAT, 0o600)
         return self._fd

@@ -212,3 +212,16 @@ def test_inject_seed_adds_a_seed_and_changes_the_key(make_proxy: ProxyFactory,
     assert simulator.state.calls == 1
     assert explicit.headers["x-replay-status"] == "hit"
     assert first.headers["x-replay-key"] == explicit.headers["x-replay-key"]
+
+
+def test_usage_log_ignores_itself_in_git(make_proxy: ProxyFactory, cassettes: Path) -> None:
+    import subprocess
+
+    with make_proxy(Mode.RECORD) as proxy, OpenAI(base_url=proxy.url + "/v1",
+                                                  api_key=SECRET_KEY) as client:
+        client.chat.completions.create(**CHAT)
+    subprocess.run(["git", "init", "-q", str(cassettes)], check=True)
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
+                            cwd=cassettes, capture_output=True, text=True, check=True).stdout
+    assert "default/chat.completions-" in status
+    assert ".replay-proxy" not in status
