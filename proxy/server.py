@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from urllib.parse import unquote
 
 import aiohttp
@@ -38,8 +38,6 @@ FINGERPRINT_HEADER = "x-replay-fingerprint"
 SEEDED_ROUTES = frozenset({"chat/completions", "completions"})
 _UNSAFE_RAW = ("%2f", "%5c", "%2e", "%00")
 _MAX_HEADER_BYTES = 64 * 1024
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_app(settings: Settings, environ: dict[str, str] | None = None) -> web.Application:
