@@ -123,6 +123,10 @@ def serve(host: str, port: int, mode: str, cassettes: Path, default_cassette: st
         fingerprint=fingerprint, replay_timing=replay_timing, inject_seed=inject_seed,
         upstream_timeout=upstream_timeout, auth_token=auth_token,
     )
+    try:
+        asyncio.run(open_store(settings.store_spec).close())  # a bad --store fails here, clearly
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--store") from exc
     effective = resolve_mode(settings.mode, os.environ)
     click.echo(
         f"replay-proxy listening on http://{host}:{port} (mode {effective.value}"
