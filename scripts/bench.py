@@ -42,6 +42,27 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 SECTIONS = ["throughput", "record", "streaming", "scale"]
 PROMPT = "Summarise the plot of a long novel in plain words."
+NAIVE_FORWARDER = """
+import sys
+import aiohttp
+from aiohttp import web
+upstream = sys.argv[2]
+async def session(app):
+    app["session"] = aiohttp.ClientSession()
+    yield
+    await app["session"].close()
+async def forward(request):
+    body = await request.read()
+    async with request.app["session"].post(upstream + request.path, data=body,
+                                           headers={"Content-Type": "application/json",
+                                                    "Authorization": "Bearer sk-bench"}) as answer:
+        data = await answer.read()
+    return web.Response(body=data, status=answer.status, content_type="application/json")
+app = web.Application()
+app.cleanup_ctx.append(session)
+app.router.add_post("/{tail:.*}", forward)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
 BARE_SERVER = """
 import sys
 from aiohttp import web
@@ -401,12 +422,15 @@ def measure_throughput(work: Path, simulator: Server, body: bytes, path: str,
 def measure_record(work: Path, simulator: Server, args: argparse.Namespace) -> dict[str, Any]:
     """Sequential unique requests: direct, through a passthrough proxy (the cost of the hop
     alone), and through a recording proxy (hop plus keying, locking and storing)."""
-    ports = {"passthrough": free_port(), "record": free_port()}
+    ports = {"naive": free_port(), "passthrough": free_port(), "record": free_port()}
     proxies = [Server(mode, proxy_command(port, "--mode", mode, "--cassettes",
                                           str(work / "record-cassettes"), "--openai-upstream",
-                                          simulator.url), port) for mode, port in ports.items()]
+                                          simulator.url), port)
+               for mode, port in ports.items() if mode != "naive"]
+    proxies.append(Server("naive", [PY, "-c", NAIVE_FORWARDER, str(ports["naive"]),
+                                    simulator.url], ports["naive"]))
     count = 100 if args.quick else 300
-    times: dict[str, list[float]] = {"direct": [], "passthrough": [], "record": []}
+    times: dict[str, list[float]] = {"direct": [], "naive": [], "passthrough": [], "record": []}
     targets = {"direct": simulator.port, **ports}
     with running(*proxies):
         connections: dict[str, Any] = dict.fromkeys(times)
@@ -424,6 +448,7 @@ def measure_record(work: Path, simulator: Server, args: argparse.Namespace) -> d
         result[f"{name}_p99_ms"] = percentile(values, 0.99)
     result["overhead_p50_ms"] = result["record_p50_ms"] - result["direct_p50_ms"]
     result["hop_p50_ms"] = result["passthrough_p50_ms"] - result["direct_p50_ms"]
+    result["naive_hop_p50_ms"] = result["naive_p50_ms"] - result["direct_p50_ms"]
     return result
 
 
@@ -556,12 +581,15 @@ def markdown(results: dict[str, Any]) -> str:
                   "| path | p50 ms | p99 ms |", "|---|---|---|",
                   f"| simulator direct | {record['direct_p50_ms']:.2f} | "
                   f"{record['direct_p99_ms']:.2f} |",
+                  f"| a naive aiohttp forwarder (20 lines: no key, no store) | "
+                  f"{record['naive_p50_ms']:.2f} | {record['naive_p99_ms']:.2f} |",
                   f"| replay-proxy --mode passthrough (the hop alone) | "
                   f"{record['passthrough_p50_ms']:.2f} | {record['passthrough_p99_ms']:.2f} |",
                   f"| replay-proxy --mode record (every request a new key) | "
                   f"{record['record_p50_ms']:.2f} | {record['record_p99_ms']:.2f} |", "",
                   f"Recording adds **{record['overhead_p50_ms']:+.2f} ms** median over direct, "
-                  f"of which the proxy hop itself is {record['hop_p50_ms']:+.2f} ms.", ""]
+                  f"of which the proxy hop itself is {record['hop_p50_ms']:+.2f} ms; a naive "
+                  f"aiohttp forwarder adds {record['naive_hop_p50_ms']:+.2f} ms on its own.", ""]
     if "streaming" in results:
         stream = results["streaming"]
         lines += [f"## Streaming replay ({results['fixture']['stream_events']} events)", "",
