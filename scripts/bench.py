@@ -206,12 +206,21 @@ def wrk(url: str, body: bytes, duration: float, connections: int) -> dict[str, f
 
 def interleave(runs: dict[str, Callable[[], dict[str, float]]], rounds: int
                ) -> dict[str, dict[str, float]]:
+    """Every run once per round, the order reversed every other round (A B C, C B A, ...)."""
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            samples[name].append(run())
+    order = list(runs)
+    for round_number in range(rounds):
+        for name in order if round_number % 2 == 0 else reversed(order):
+            samples[name].append(runs[name]())
     return {name: {metric: statistics.median(s[metric] for s in results)
-                   for metric in results[0]} for name, results in samples.items()}
+                   for metric in results[0]} | {"samples": results}  # type: ignore[dict-item]
+            for name, results in samples.items()}
+
+
+def paired_ratio(samples: dict[str, dict[str, Any]], name: str, base: str) -> float:
+    """Median over rounds of name/base requests/s, each pair measured back to back."""
+    pairs = zip(samples[name]["samples"], samples[base]["samples"], strict=True)
+    return statistics.median(a["rps"] / b["rps"] for a, b in pairs)
 
 
 def stream_times(port: int, path: str, body: bytes) -> tuple[float, float]:
@@ -410,10 +419,10 @@ def measure_throughput(work: Path, simulator: Server, body: bytes, path: str,
             server.stop()
     bare = measured["bare"]
     for name, row in measured.items():
-        row["vs_bare"] = row["rps"] / bare["rps"]
+        row["vs_bare"] = paired_ratio(measured, name, "bare")
         row["p99_minus_bare_ms"] = row["p99_ms"] - bare["p99_ms"]
         if "peer" in measured:
-            row["vs_peer"] = row["rps"] / measured["peer"]["rps"]
+            row["vs_peer"] = paired_ratio(measured, name, "peer")
         row["rss_mb"] = rss[name]
         row["startup_s"] = startup[name]
     return {"servers": measured, "peer_note": peer_note}
@@ -504,7 +513,7 @@ def measure_scale(work: Path, body: bytes, args: argparse.Namespace) -> dict[str
     by_store = cold_hits_by_store(root, args, cold_count)
     return {"recordings": args.scale, "build_s": built_s, "startup_s": startup, "rss_mb": rss,
             "hot": hot_rows, "cold_p50_ms": cold, "cold_by_store_p50_ms": by_store,
-            "hot_large_vs_small": hot_rows["large"]["rps"] / hot_rows["small"]["rps"],
+            "hot_large_vs_small": paired_ratio(hot_rows, "large", "small"),
             "cold_large_vs_small": cold["large"] / cold["small"]}
 
 
@@ -567,8 +576,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines = ["# replay-proxy benchmarks", "",
              f"Command: `{results['command'].strip()}` on {results['machine']['cpus']} CPUs, "
              f"Python {results['machine']['python']}. Medians of {results['settings']['rounds']} "
-             f"interleaved rounds of {results['settings']['duration_s']:g} s, wrk -t1 "
-             f"-c{results['settings']['connections']}. Response: "
+             f"interleaved rounds of {results['settings']['duration_s']:g} s (order reversed "
+             f"every other round), wrk -t1 -c{results['settings']['connections']}; ratios are "
+             "medians of per-round ratios, each pair measured back to back. Response: "
              f"{results['fixture']['answer_bytes']} bytes of chat.completion.", "",
              ]
     if "throughput" in results:
