@@ -114,12 +114,13 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         if state.settings.auth_token is not None:
             _authorise(request, state.settings.auth_token)
         body = await request.read()  # client_max_size is --max-body: over it, a 413 below
-        headers = request.headers
         hot_key = (request.method, request.raw_path, body,
-                   *[headers.get(name) for name in state.hot_headers])
+                   *map(request.headers.get, state.hot_headers))
         hot = state.hot.get(hot_key)
         if hot is not None:  # the fast path: a byte-identical request resolved before
-            _count_hit(state, hot.cassette, hot.key, hot.tokens)
+            hot.counts["hits"] += 1  # (its key is already in the usage log)
+            if hot.tokens:
+                hot.counts["tokens_replayed"] += hot.tokens
             recording = hot.recording
             if recording.events is None:
                 return web.Response(status=recording.status, body=recording.body,
@@ -193,7 +194,8 @@ async def _serve(request: web.Request, state: ProxyState, body: bytes,
         tokens = usage["total_tokens"] if isinstance(usage.get("total_tokens"), int) else 0
         reply = HotReply(cassette, key, recording, {
             **recording.headers, **base_headers,
-            "X-Replay-Fingerprint": selection.fingerprint or "", "X-Replay-Status": "hit"}, tokens)
+            "X-Replay-Fingerprint": selection.fingerprint or "", "X-Replay-Status": "hit"},
+            tokens, state.counts_for(cassette))
         state.remember_hot(hot_key, reply)
         _count_hit(state, cassette, key, tokens)
         return await _replay(request, recording, reply.headers)

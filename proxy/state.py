@@ -36,6 +36,7 @@ class HotReply:
     recording: Recording
     headers: dict[str, str]
     tokens: int
+    counts: Counter[str]  # the cassette's counters, so a hit counts itself without lookups
 
 
 HotKey = tuple[object, ...]
@@ -74,11 +75,14 @@ class ProxyState:
         if self.usage is not None:
             self.usage.note(cassette, key)
 
-    def count(self, cassette: str, event: str, amount: int = 1) -> None:
+    def counts_for(self, cassette: str) -> Counter[str]:
         counts = self.by_cassette.get(cassette)
         if counts is None:
             counts = self.by_cassette[cassette] = Counter()
-        counts[event] += amount
+        return counts
+
+    def count(self, cassette: str, event: str, amount: int = 1) -> None:
+        self.counts_for(cassette)[event] += amount
 
     @property
     def totals(self) -> Counter[str]:

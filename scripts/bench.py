@@ -127,6 +127,18 @@ class Server:
             total += int(match.group(1)) if match else 0
         return total / 1024
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) used so far by the server and its worker processes."""
+        assert self.process is not None
+        total = 0.0
+        for pid in [self.process.pid, *_children(self.process.pid)]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
@@ -409,9 +421,15 @@ def measure_throughput(work: Path, simulator: Server, body: bytes, path: str,
         time.sleep(1.0)  # every worker listening
         for name in servers:  # warm up: first hits read the store
             wrk(urls[name], body, 0.5, args.connections)
-        measured = interleave({name: (lambda name=name: wrk(urls[name], body, args.duration,
-                                                             args.connections))
-                               for name in servers}, args.rounds)
+        def run(name: str) -> dict[str, float]:
+            before = servers[name].cpu_s()
+            row = wrk(urls[name], body, args.duration, args.connections)
+            requests = row["rps"] * max(1, round(args.duration))
+            row["cpu_us_per_request"] = (servers[name].cpu_s() - before) / requests * 1e6
+            return row
+
+        measured = interleave({name: (lambda name=name: run(name)) for name in servers},
+                              args.rounds)
         rss = {name: server.rss_mb() for name, server in servers.items()}
         startup = {name: server.startup_s for name, server in servers.items()}
     finally:
@@ -421,6 +439,7 @@ def measure_throughput(work: Path, simulator: Server, body: bytes, path: str,
     for name, row in measured.items():
         row["vs_bare"] = paired_ratio(measured, name, "bare")
         row["p99_minus_bare_ms"] = row["p99_ms"] - bare["p99_ms"]
+        row["cpu_vs_bare"] = row["cpu_us_per_request"] / bare["cpu_us_per_request"]
         if "peer" in measured:
             row["vs_peer"] = paired_ratio(measured, name, "peer")
         row["rss_mb"] = rss[name]
@@ -620,8 +639,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 def markdown_throughput(results: dict[str, Any]) -> list[str]:
     lines = ["## Replay throughput", "",
-             "| server | requests/s | p50 ms | p99 ms | vs bare | vs mitmproxy | p99 - bare p99 ms |",
-             "|---|---|---|---|---|---|---|"]
+             "| server | requests/s | p50 ms | p99 ms | vs bare | vs mitmproxy | p99 - bare p99 ms "
+             "| CPU us/request | CPU vs bare |",
+             "|---|---|---|---|---|---|---|---|---|"]
     labels = {"bare": "bare aiohttp, bytes from memory (the limit)",
               "directory": "replay-proxy, directory store", "diskcache":
               "replay-proxy, diskcache store", "redis": "replay-proxy, Redis store",
@@ -630,7 +650,10 @@ def markdown_throughput(results: dict[str, Any]) -> list[str]:
     for name, row in results["throughput"]["servers"].items():
         lines.append(f"| {labels.get(name, name)} | {row['rps']:,.0f} | {row['p50_ms']:.2f} | "
                      f"{row['p99_ms']:.2f} | {row['vs_bare']:.2f}x | "
-                     f"{row.get('vs_peer', float('nan')):.1f}x | {row['p99_minus_bare_ms']:+.2f} |")
+                     f"{row.get('vs_peer', float('nan')):.1f}x | {row['p99_minus_bare_ms']:+.2f} | "
+                     f"{row['cpu_us_per_request']:.0f} | {row['cpu_vs_bare']:.2f}x |")
+    lines.append("\nCPU per request (user + system, all of a server's processes) is the steadiest "
+                 "measure on a noisy machine: it does not depend on what else ran meanwhile.")
     if results["throughput"].get("peer_note"):
         lines.append(f"\n(peer: {results['throughput']['peer_note']})")
     rss = {name: row["rss_mb"] for name, row in results["throughput"]["servers"].items()}
