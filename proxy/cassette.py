@@ -51,11 +51,6 @@ class Recording:
     def is_stream(self) -> bool:
         return self.events is not None
 
-    def payload(self) -> bytes:
-        if self.events is None:
-            return self.body
-        return b"".join(event.raw for event in self.events)
-
 
 @dataclass(frozen=True)
 class Entry:

@@ -52,12 +52,3 @@ def event_data(raw: bytes) -> bytes | None:
 
 def is_done(raw: bytes) -> bool:
     return event_data(raw) == b"[DONE]"
-
-
-def is_terminal(raw: bytes) -> bool:
-    """True for the event after which a stream is complete: `[DONE]`, or a Responses API
-    `response.completed` / `response.failed` / `response.incomplete` event."""
-    name, data = event_fields(raw)
-    if data == b"[DONE]":
-        return True
-    return name in (b"response.completed", b"response.failed", b"response.incomplete")

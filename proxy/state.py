@@ -116,13 +116,6 @@ class ProxyState:
             self._entries.pop(next(iter(self._entries)))
         self._entries[(cassette, entry.key)] = entry
 
-    def forget(self, cassette: str | None = None) -> None:
-        if cassette is None:
-            self._entries.clear()
-            return
-        for name in [name for name in self._entries if name[0] == cassette]:
-            del self._entries[name]
-
     def snapshot(self) -> dict[str, Any]:
         return {
             "run": self.usage.run if self.usage else None,
