@@ -170,12 +170,12 @@ async def _serve(request: web.Request, state: ProxyState, body: bytes,
     key = request_key(canonical)
     base_headers = {"X-Replay-Key": key, "X-Replay-Cassette": cassette}
     mode = state.mode_for(cassette)
+    policy = state.fingerprint_for(cassette, headers.get(FINGERPRINT_HEADER))
 
     selection = None
     if mode in (Mode.RECORD, Mode.REPLAY):
         entry = await state.entry(cassette, key, route.label)
         if entry is not None:
-            policy = state.fingerprint_for(cassette, headers.get(FINGERPRINT_HEADER))
             selection = fingerprints.select(entry, policy)
             if selection.recording is None:
                 state.count(cassette, "misses")
@@ -184,7 +184,8 @@ async def _serve(request: web.Request, state: ProxyState, body: bytes,
                     f"{request.method} {route.route}, but {selection.reason}. Choose a recorded "
                     "fingerprint, or drop the X-Replay-Fingerprint header / --fingerprint value.")
                 state.last_miss[cassette] = message
-                raise ReplayMiss(message, code="fingerprint_not_recorded")
+                return error_response(ReplayMiss(message, code="fingerprint_not_recorded"),
+                                      {**base_headers, "X-Replay-Status": "miss"})
     action = decide(mode, selection is not None and selection.recording is not None)
 
     if action is Action.REPLAY:
@@ -213,8 +214,7 @@ async def _serve(request: web.Request, state: ProxyState, body: bytes,
     exchange = Exchange(
         cassette=cassette, key=key, route=route, method=request.method, query=query,
         headers=headers, body=body, canonical=canonical, action=action, mode=mode,
-        fingerprint=state.fingerprint_for(cassette, headers.get(FINGERPRINT_HEADER)),
-        secrets=tuple(secret_values(headers)),
+        fingerprint=policy, secrets=tuple(secret_values(headers)),
     )
     flight_name = f"{cassette}\x1f{key}" if action is Action.RECORD else f"pass\x1f{id(request)}"
     flight = state.flights.join(flight_name, lambda flight: pump(state, exchange, flight))

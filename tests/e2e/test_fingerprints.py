@@ -61,6 +61,7 @@ def test_each_selection_policy(drifted: dict[str, str], make_proxy: ProxyFactory
     assert (_answer(pinned), pinned.headers["x-replay-fingerprint"]) == (drifted["recorded"], "fp_a")
     assert (_answer(chosen), chosen.headers["x-replay-fingerprint"]) == (drifted["fp_b"], "fp_b")
     assert unknown.status_code == 404
+    assert unknown.headers["x-replay-status"] == "miss" and unknown.headers["x-replay-key"]
     assert "fp_zzz" in unknown.json()["error"]["message"]
     assert "fp_a, fp_b" in unknown.json()["error"]["message"]
     with make_proxy(Mode.REPLAY, fingerprint="latest") as proxy:
