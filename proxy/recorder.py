@@ -84,22 +84,20 @@ async def pump(state: ProxyState, exchange: Exchange, flight: Flight) -> None:
         await _forward(state, exchange, flight, None)
         return
     async with state.store.lock(exchange.cassette, exchange.key):
-        if exchange.mode is Mode.REFRESH:  # always forward; compare with the pinned recording
-            existing = await state.store.get(exchange.cassette, exchange.key, exchange.route.label)
-            await _forward(state, exchange, flight, existing)
-            return
         stored = await state.store.get(exchange.cassette, exchange.key, exchange.route.label)
-        selection = fingerprints.select(stored, exchange.fingerprint) if stored else None
+        selection = None
+        if stored is not None and exchange.mode is not Mode.REFRESH:  # refresh always forwards
+            selection = fingerprints.select(stored, exchange.fingerprint)
         if stored is None or selection is None or selection.recording is None:
             await _forward(state, exchange, flight, stored)
             return
     state.remember(exchange.cassette, stored)
     state.count(exchange.cassette, "hits")
     recording = selection.recording
-    headers = {**recording.headers, "X-Replay-Fingerprint": selection.fingerprint or ""}
-    flight.start(Head(recording.status, headers, recording.is_stream, "hit"))
     for chunk in [event.raw for event in recording.events or ()] or [recording.body]:
         flight.push(chunk)
+    headers = {**recording.headers, "X-Replay-Fingerprint": selection.fingerprint or ""}
+    flight.start(Head(recording.status, headers, recording.is_stream, "hit"))
     flight.finish()
 
 
