@@ -315,7 +315,8 @@ def verify(cassettes: Path, store: str | None, cassette: str | None, as_json: bo
     verdicts = asyncio.run(verify_entries(entries, upstreams, concurrency))
     drifted = [v for v in verdicts if v.result in DRIFTS]
     if update and drifted:
-        asyncio.run(_store_drift(store or cassettes, dict(entries_by_key(entries)), drifted))
+        by_key = {(cassette_name, entry.key): entry for cassette_name, entry in entries}
+        asyncio.run(_store_drift(store or cassettes, by_key, drifted))
     if as_json:
         _echo_json([{"cassette": v.cassette, "key": v.key, "route": v.route, "result": v.result,
                      "detail": v.detail} for v in verdicts])
@@ -329,10 +330,6 @@ def verify(cassettes: Path, store: str | None, cassette: str | None, as_json: bo
                    + (" (drift stored)" if update and drifted else ""))
     errors = [v for v in verdicts if v.result == "error"]
     sys.exit(1 if drifted else 2 if errors else 0)
-
-
-def entries_by_key(entries: list[tuple[str, Entry]]) -> list[tuple[tuple[str, str], Entry]]:
-    return [((cassette, entry.key), entry) for cassette, entry in entries]
 
 
 async def _store_drift(spec: str | Path, entries: dict[tuple[str, str], Entry],

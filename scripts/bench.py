@@ -36,7 +36,7 @@ import orjson
 from proxy.canonical import IncomingRequest, KeyPolicy, canonical_request, request_key
 from proxy.cassette import Entry, Recording, encode_entry
 from proxy.providers import parse_route
-from proxy.testing import run_redis
+from proxy.testing import free_port, run_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -74,12 +74,6 @@ app = web.Application()
 app.router.add_route("*", "/{tail:.*}", answer)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> float:
