@@ -164,7 +164,7 @@ async def _serve(request: web.Request, state: ProxyState, body: bytes,
     # aiohttp has already decoded a compressed request body: key and forward it as plain bytes.
     headers = {name.lower(): value for name, value in request.headers.items()
                if name.lower() != "content-encoding"}
-    body = _inject_seed(route, headers, body, settings.inject_seed)
+    body = _inject_seed(route, body, settings.inject_seed)
     incoming = IncomingRequest(request.method, route, tuple(query.items()), headers, body)
     canonical = canonical_request(incoming, settings.key_policy)
     key = request_key(canonical)
@@ -254,11 +254,9 @@ def _locate(request: web.Request, settings: Settings) -> tuple[str, Route, dict[
     return cassette, route, query
 
 
-def _inject_seed(route: Route, headers: dict[str, str], body: bytes, seed: int | None) -> bytes:
+def _inject_seed(route: Route, body: bytes, seed: int | None) -> bytes:
     """With --inject-seed, add `seed` to chat and completions requests that lack one."""
     if seed is None or route.route not in SEEDED_ROUTES or not body.startswith(b"{"):
-        return body
-    if headers.get("content-encoding", "identity") != "identity":
         return body
     try:
         parsed = orjson.loads(body)
