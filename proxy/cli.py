@@ -15,6 +15,7 @@ import click
 import orjson
 from aiohttp import web
 
+from . import serving
 from .audit import Upstreams, Verdict
 from .audit import probe as probe_upstream
 from .audit import verify as verify_entries
@@ -96,13 +97,15 @@ def _timing(_ctx: click.Context, _param: click.Parameter, value: str) -> ReplayT
               help="Seconds to wait for upstream data before answering 504.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Processes serving the same port (SO_REUSEPORT), sharing the store.")
+@click.option("--loop", "loop_choice", type=click.Choice(serving.LOOPS), default="auto",
+              show_default=True, help="Event loop: auto takes uvloop when it is installed.")
 def serve(host: str, port: int, mode: str, cassettes: Path, default_cassette: str,
           openai_upstream: str, azure_upstream: str | None, store: str | None,
           record_errors: bool, ignore_field: tuple[str, ...], match_field: tuple[str, ...],
           match_header: tuple[str, ...], max_body: int, fingerprint: str,
           replay_timing: ReplayTiming, inject_seed: int | None, openai_api_key: str | None,
           azure_api_key: str | None, auth_token: str | None, upstream_timeout: float,
-          workers: int) -> None:
+          workers: int, loop_choice: str) -> None:
     """Run the proxy."""
 
     if not _is_loopback(host) and not auth_token:
@@ -127,6 +130,10 @@ def serve(host: str, port: int, mode: str, cassettes: Path, default_cassette: st
         asyncio.run(open_store(settings.store_spec).close())  # a bad --store fails here, clearly
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--store") from exc
+    try:
+        serving.new_event_loop(loop_choice).close()  # a missing uvloop fails here, clearly
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--loop") from exc
     effective = resolve_mode(settings.mode, os.environ)
     click.echo(
         f"replay-proxy listening on http://{host}:{port} (mode {effective.value}"
@@ -137,21 +144,22 @@ def serve(host: str, port: int, mode: str, cassettes: Path, default_cassette: st
         err=True,
     )
     if workers == 1:
-        _serve_one(settings, host, port)
+        _serve_one(settings, host, port, loop_choice)
     else:
-        sys.exit(run_workers(settings, host, port, workers))
+        sys.exit(run_workers(settings, host, port, workers, loop_choice))
 
 
-def _serve_one(settings: Settings, host: str, port: int, reuse_port: bool = False) -> None:
-    from .server import create_app
+def _serve_one(settings: Settings, host: str, port: int, loop_choice: str = "auto",
+               reuse_port: bool = False) -> None:
+    from .server import ProxyRunner, ReplayProxy
 
-    _run(create_app(settings), host, port, reuse_port)
+    _run(lambda: ProxyRunner(ReplayProxy(settings)), host, port, loop_choice, reuse_port)
 
 
-def _run(app: web.Application, host: str, port: int, reuse_port: bool = False) -> None:
+def _run(make_runner: Callable[[], web.BaseRunner], host: str, port: int, loop_choice: str,
+         reuse_port: bool = False) -> None:
     try:
-        web.run_app(app, host=host, port=port, access_log=None, print=None,
-                    reuse_port=reuse_port or None)
+        serving.serve(make_runner, host, port, reuse_port, serving.new_event_loop(loop_choice))
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise click.ClickException(
@@ -177,16 +185,18 @@ def simulate(host: str, port: int, fingerprint: str, api_key: str | None, latenc
                            event_delay=event_delay)
     click.echo(f"simulated OpenAI upstream on http://{host}:{port} (fingerprint {fingerprint}); "
                f"steer it with POST /_sim/state", err=True)
-    _run(create_simulator(state), host, port)
+    _run(lambda: web.AppRunner(create_simulator(state), access_log=None), host, port, "auto")
 
 
-def run_workers(settings: Settings, host: str, port: int, workers: int) -> int:
+def run_workers(settings: Settings, host: str, port: int, workers: int,
+                loop_choice: str = "auto") -> int:
     """Start `workers` processes on one port; stop them all when one dies or on a signal."""
     import multiprocessing
     import signal
 
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_serve_one, args=(settings, host, port, True))
+    processes = [context.Process(target=_serve_one,
+                                 args=(settings, host, port, loop_choice, True))
                  for _ in range(workers)]
     for process in processes:
         process.start()

@@ -77,10 +77,10 @@ def _settings(config: pytest.Config) -> Settings:
 def _proxy(config: pytest.Config) -> ProxyThread:
     """The session's proxy, started on first use on a free loopback port."""
     if _PROXY_KEY not in config.stash:
-        from .server import create_app
+        from .server import ReplayProxy
 
         settings = _settings(config)
-        proxy = ProxyThread(lambda: create_app(settings, dict(os.environ)))
+        proxy = ProxyThread(lambda: ReplayProxy(settings, dict(os.environ)))
         proxy.start()
         config.stash[_PROXY_KEY] = proxy
     return config.stash[_PROXY_KEY]

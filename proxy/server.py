@@ -1,18 +1,21 @@
-"""The aiohttp application: parse a request, key it, then replay, record or refuse it."""
+"""The proxy's HTTP handler: parse a request, key it, then replay, record or refuse it."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import unquote
 
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_exceptions import ContentEncodingError
-from aiohttp.web_protocol import RequestPayloadError
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from . import fingerprints
 from .canonical import IncomingRequest, canonical_request, request_key
@@ -24,6 +27,7 @@ from .modes import Action, Mode, decide, resolve_mode
 from .providers import Route, parse_route, split_cassette_prefix, validate_cassette_name
 from .recorder import Exchange, pump
 from .scrub import secret_values
+from .serving import loop_name
 from .singleflight import Flight, FlightCut
 from .state import HotKey, HotReply, ProxyState
 from .store import open_store
@@ -32,7 +36,6 @@ from .usage import UsageLog, state_dir
 
 log = logging.getLogger("replay_proxy")
 
-STATE = web.AppKey("replay_state", ProxyState)
 CASSETTE_HEADER = "x-replay-cassette"
 FINGERPRINT_HEADER = "x-replay-fingerprint"
 SEEDED_ROUTES = frozenset({"chat/completions", "completions"})
@@ -40,43 +43,80 @@ _UNSAFE_RAW = ("%2f", "%5c", "%2e", "%00")
 _MAX_HEADER_BYTES = 64 * 1024
 
 
-def create_app(settings: Settings, environ: dict[str, str] | None = None) -> web.Application:
-    environ = dict(os.environ) if environ is None else environ
-    state = ProxyState(
-        settings=settings,
-        store=open_store(settings.store_spec),
-        mode=resolve_mode(settings.mode, environ),
-    )
-    app = web.Application(
-        client_max_size=settings.max_body,
-        handler_args={"max_field_size": _MAX_HEADER_BYTES, "max_line_size": _MAX_HEADER_BYTES},
-    )
-    app[STATE] = state
-    app.cleanup_ctx.append(_lifecycle)
-    app.router.add_get("/_replay/health", _health)
-    app.router.add_get("/_replay/stats", _stats)
-    app.router.add_route("*", "/{tail:.*}", _handle)
-    return app
+class ReplayProxy:
+    """One proxy process: its state, its upstream session, and the handler for every request.
+
+    It runs on aiohttp's low-level server (no router, no middleware): the proxy does its own
+    routing, and a replay hit is answered in a few steps.
+    """
+
+    def __init__(self, settings: Settings, environ: dict[str, str] | None = None) -> None:
+        environ = dict(os.environ) if environ is None else environ
+        self.state = ProxyState(
+            settings=settings,
+            store=open_store(settings.store_spec),
+            mode=resolve_mode(settings.mode, environ),
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._flusher: asyncio.Task[None] | None = None
+
+    def server(self) -> web.Server:
+        loop = asyncio.get_running_loop()
+        max_body = self.state.settings.max_body
+
+        def make_request(message: RawRequestMessage, payload: StreamReader,
+                         protocol: RequestHandler, writer: AbstractStreamWriter,
+                         task: asyncio.Task[None]) -> web.BaseRequest:
+            return web.BaseRequest(message, payload, protocol, writer, task, loop,
+                                   client_max_size=max_body)
+
+        return web.Server(self.handle, request_factory=make_request, access_log=None,
+                          max_field_size=_MAX_HEADER_BYTES, max_line_size=_MAX_HEADER_BYTES)
+
+    async def start(self) -> None:
+        state = self.state
+        self._session = aiohttp.ClientSession(
+            timeout=client_timeout(state.settings), auto_decompress=True,
+            connector=aiohttp.TCPConnector(limit=256, force_close=False),
+            # One session serves every client: an upstream cookie must never pass between them.
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        state.upstream = Upstream(state.settings, self._session)
+        state.usage = UsageLog(state_dir(state.settings.cassettes))
+        self._flusher = asyncio.get_running_loop().create_task(_flush_usage(state))
+
+    async def stop(self) -> None:
+        state = self.state
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        await state.flights.close()
+        if state.usage is not None:
+            state.usage.flush(state.snapshot())
+        if self._session is not None:
+            await self._session.close()
+        await state.store.close()
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        return await _handle(self.state, request)
 
 
-async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    state = app[STATE]
-    session = aiohttp.ClientSession(
-        timeout=client_timeout(state.settings), auto_decompress=True,
-        connector=aiohttp.TCPConnector(limit=256, force_close=False),
-        # One session serves every client: an upstream cookie must never pass between them.
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
-    state.upstream = Upstream(state.settings, session)
-    state.usage = UsageLog(state_dir(state.settings.cassettes))
-    flusher = asyncio.get_running_loop().create_task(_flush_usage(state))
-    yield
-    flusher.cancel()
-    await asyncio.gather(flusher, return_exceptions=True)
-    await state.flights.close()
-    state.usage.flush(state.snapshot())
-    await session.close()
-    await state.store.close()
+class ProxyRunner(web.BaseRunner):
+    """Serves a ReplayProxy on aiohttp's sites (TCPSite, SO_REUSEPORT) and shuts it down."""
+
+    def __init__(self, proxy: ReplayProxy, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.proxy = proxy
+
+    async def shutdown(self) -> None:
+        pass
+
+    async def _make_server(self) -> web.Server:
+        await self.proxy.start()
+        return self.proxy.server()
+
+    async def _cleanup_server(self) -> None:
+        await self.proxy.stop()
 
 
 async def _flush_usage(state: ProxyState, every: float = 1.0) -> None:
@@ -94,22 +134,21 @@ def error_response(exc: ProxyError, headers: dict[str, str] | None = None) -> we
                         headers=all_headers)
 
 
-async def _health(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    return web.json_response({"status": "ok", "mode": state.mode.value,
-                              "store": state.store.description}, dumps=_dumps)
+_INTERNAL = frozenset({"/_replay/health", "/_replay/stats"})
 
 
-async def _stats(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STATE].snapshot(), dumps=_dumps)
+def _internal(state: ProxyState, path: str) -> web.Response:
+    """The proxy's own endpoints: /_replay/health and /_replay/stats."""
+    if path == "/_replay/health":
+        payload: object = {"status": "ok", "mode": state.mode.value,
+                           "store": state.store.description,
+                           "loop": loop_name(asyncio.get_running_loop())}
+    else:
+        payload = state.snapshot()
+    return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
 
-def _dumps(value: object) -> str:
-    return orjson.dumps(value).decode()
-
-
-async def _handle(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
+async def _handle(state: ProxyState, request: web.BaseRequest) -> web.StreamResponse:
     try:
         if state.settings.auth_token is not None:
             _authorise(request, state.settings.auth_token)
@@ -125,7 +164,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             if recording.events is None:
                 return web.Response(status=recording.status, body=recording.body,
                                     headers=hot.headers)
-            return await _replay(request, recording, hot.headers)
+            return await _replay(state, request, recording, hot.headers)
         return await _serve(request, state, body, hot_key)
     except ProxyError as exc:
         return error_response(exc)
@@ -157,9 +196,11 @@ def _count_hit(state: ProxyState, cassette: str, key: str, tokens: int) -> None:
     state.used(cassette, key)
 
 
-async def _serve(request: web.Request, state: ProxyState, body: bytes,
+async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
                  hot_key: HotKey) -> web.StreamResponse:
     settings = state.settings
+    if request.method == "GET" and request.path in _INTERNAL:
+        return _internal(state, request.path)
     cassette, route, query = _locate(request, settings)
     # aiohttp has already decoded a compressed request body: key and forward it as plain bytes.
     headers = {name.lower(): value for name, value in request.headers.items()
@@ -199,7 +240,7 @@ async def _serve(request: web.Request, state: ProxyState, body: bytes,
             tokens, state.counts_for(cassette))
         state.remember_hot(hot_key, reply)
         _count_hit(state, cassette, key, tokens)
-        return await _replay(request, recording, reply.headers)
+        return await _replay(state, request, recording, reply.headers)
 
     if action is Action.MISS:
         state.count(cassette, "misses")
@@ -218,10 +259,10 @@ async def _serve(request: web.Request, state: ProxyState, body: bytes,
     )
     flight_name = f"{cassette}\x1f{key}" if action is Action.RECORD else f"pass\x1f{id(request)}"
     flight = state.flights.join(flight_name, lambda flight: pump(state, exchange, flight))
-    return await _follow(request, flight, base_headers)
+    return await _follow(state, request, flight, base_headers)
 
 
-def _authorise(request: web.Request, token: str) -> None:
+def _authorise(request: web.BaseRequest, token: str) -> None:
     presented = request.headers.get("api-key") or ""
     authorization = request.headers.get("Authorization", "")
     if authorization.lower().startswith("bearer "):
@@ -234,7 +275,7 @@ def _authorise(request: web.Request, token: str) -> None:
         )
 
 
-def _locate(request: web.Request, settings: Settings) -> tuple[str, Route, dict[str, str]]:
+def _locate(request: web.BaseRequest, settings: Settings) -> tuple[str, Route, dict[str, str]]:
     raw_path = request.rel_url.raw_path
     cassette, api_path = split_cassette_prefix(raw_path)
     if cassette is None:
@@ -268,13 +309,13 @@ def _inject_seed(route: Route, body: bytes, seed: int | None) -> bytes:
     return orjson.dumps(parsed)
 
 
-async def _replay(request: web.Request, recording: Recording,
+async def _replay(state: ProxyState, request: web.BaseRequest, recording: Recording,
                   headers: dict[str, str]) -> web.StreamResponse:
     if recording.events is None:
         return web.Response(status=recording.status, body=recording.body, headers=headers)
     response = web.StreamResponse(status=recording.status, headers=headers)
     await response.prepare(request)
-    speed = request.app[STATE].settings.replay_timing.speed
+    speed = state.settings.replay_timing.speed
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
@@ -290,9 +331,9 @@ async def _replay(request: web.Request, recording: Recording,
     return response
 
 
-async def _follow(request: web.Request, flight: Flight, base_headers: dict[str, str]
-                  ) -> web.StreamResponse:
-    flights = request.app[STATE].flights
+async def _follow(state: ProxyState, request: web.BaseRequest, flight: Flight,
+                  base_headers: dict[str, str]) -> web.StreamResponse:
+    flights = state.flights
     try:
         try:
             head = await flight.wait_head()

@@ -20,21 +20,20 @@ from typing import Any
 from aiohttp import web
 
 from .config import Settings
-from .server import STATE, create_app
+from .server import ProxyRunner, ReplayProxy
 from .simulator import SIM_STATE, SimulatorState, create_simulator
 from .state import ProxyState
 
 
 class ServerThread:
-    """An aiohttp application served on 127.0.0.1 from its own thread and event loop."""
+    """A server (an aiohttp runner) on 127.0.0.1, from its own thread and event loop."""
 
-    def __init__(self, make_app: Callable[[], web.Application], port: int = 0) -> None:
-        self._make_app = make_app
+    def __init__(self, make_runner: Callable[[], web.BaseRunner], port: int = 0) -> None:
+        self._make_runner = make_runner
         self._requested_port = port
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
-        self.app: web.Application | None = None
+        self._runner: web.BaseRunner | None = None
         self.port = 0
 
     @property
@@ -47,8 +46,7 @@ class ServerThread:
         return self
 
     async def _start(self) -> None:
-        self.app = self._make_app()
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
+        self._runner = self._make_runner()
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self._requested_port)
         await site.start()
@@ -80,13 +78,31 @@ class ServerThread:
 
 
 class ProxyThread(ServerThread):
+    def __init__(self, make_proxy: Callable[[], ReplayProxy], port: int = 0) -> None:
+        self.proxy: ReplayProxy | None = None
+
+        def make_runner() -> web.BaseRunner:
+            self.proxy = make_proxy()
+            return ProxyRunner(self.proxy, shutdown_timeout=1.0)
+
+        super().__init__(make_runner, port)
+
     @property
     def state(self) -> ProxyState:
-        assert self.app is not None
-        return self.app[STATE]
+        assert self.proxy is not None
+        return self.proxy.state
 
 
 class SimulatorThread(ServerThread):
+    def __init__(self, make_app: Callable[[], web.Application], port: int = 0) -> None:
+        self.app: web.Application | None = None
+
+        def make_runner() -> web.BaseRunner:
+            self.app = make_app()
+            return web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
+
+        super().__init__(make_runner, port)
+
     @property
     def state(self) -> SimulatorState:
         assert self.app is not None
@@ -96,7 +112,7 @@ class SimulatorThread(ServerThread):
 @contextmanager
 def run_proxy(settings: Settings, environ: dict[str, str] | None = None,
               port: int = 0) -> Iterator[ProxyThread]:
-    server = ProxyThread(lambda: create_app(settings, environ or {}), port)
+    server = ProxyThread(lambda: ReplayProxy(settings, environ or {}), port)
     server.start()
     try:
         yield server

@@ -10,10 +10,12 @@ from typing import Any
 import httpx2
 import openai
 import pytest
+from click.testing import CliRunner
 from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
 
+from proxy.cli import main
 from proxy.modes import Mode
-from proxy.testing import SimulatorThread
+from proxy.testing import SimulatorThread, run_proxy_process
 from tests.conftest import (
     ORG_ID,
     PROJECT_ID,
@@ -113,7 +115,6 @@ def test_auto_mode_replays_under_ci(make_proxy: ProxyFactory, simulator: Simulat
         client.chat.completions.create(**CHAT, seed=5)
     from proxy.testing import run_proxy  # auto mode reads CI from the environ it is given
 
-    assert proxy.app is not None
     settings = proxy.state.settings
     from dataclasses import replace
 
@@ -303,3 +304,20 @@ def test_unknown_route_is_a_404_in_openai_shape(make_proxy: ProxyFactory) -> Non
         response = httpx2.get(proxy.url + "/not-an-api")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "unknown_url"
+
+
+@pytest.mark.parametrize(("choice", "expected"), [("auto", "uvloop"), ("asyncio", "asyncio")])
+def test_serve_runs_on_the_chosen_event_loop(tmp_path: Path, choice: str, expected: str) -> None:
+    with run_proxy_process("--mode", "replay", "--cassettes", str(tmp_path),
+                           "--loop", choice) as (url, _process):
+        health = httpx2.get(url + "/_replay/health").json()
+        assert health["loop"] == expected
+        miss = httpx2.post(url + "/v1/chat/completions", json={"model": "m", "messages": []})
+        assert miss.status_code == 404
+        assert miss.json()["error"]["code"] == "replay_miss"
+
+
+def test_an_unknown_event_loop_is_a_usage_error() -> None:
+    result = CliRunner().invoke(main, ["serve", "--loop", "trio"])
+    assert result.exit_code == 2
+    assert "--loop" in result.output
