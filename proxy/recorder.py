@@ -127,16 +127,20 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
                     f"({exc.__class__.__name__}); nothing was stored.",
                     code="upstream_cut",
                 ) from exc
+            duration_ms = (loop.time() - started) * 1000
             recording = None
-            if keep:
+            if keep and exchange.mode is Mode.REFRESH:  # its drift class goes out as a header
                 recording = classified(exchange, existing, body_recording(
-                    response.status, response.headers, body, exchange.secrets,
-                    (loop.time() - started) * 1000))
+                    response.status, response.headers, body, exchange.secrets, duration_ms))
             flight.push(body)
             flight.start(Head(response.status, headers, False, replay_status,
                               recording.drift if recording else None))
             flight.finish()
-            if recording is not None:
+            if keep:
+                await asyncio.sleep(0)  # the waiting clients send their answers first
+                if recording is None:
+                    recording = body_recording(response.status, response.headers, body,
+                                               exchange.secrets, duration_ms)
                 await commit(state, exchange, existing, recording)
             return
 
@@ -160,6 +164,7 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
             events.append(SseEvent((loop.time() - started) * 1000, remainder))
         flight.finish()
         if keep:
+            await asyncio.sleep(0)  # the waiting clients end their answers first
             await commit(state, exchange, existing, classified(exchange, existing, stream_recording(
                 response.status, response.headers, events, exchange.secrets,
                 (loop.time() - started) * 1000)))
