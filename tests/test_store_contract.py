@@ -116,3 +116,31 @@ async def test_redis_keys_are_namespaced_by_cassette_with_ttl(redis_url: str) ->
     assert 0 < await client.ttl(f"team:{{suite-a}}:e:{'a' * 64}") <= 60
     await client.aclose()
     await store.close()
+
+
+async def test_directory_writes_leave_the_event_loop_on_a_slow_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from proxy.store import directory
+
+    writers: list[threading.Thread] = []
+    write = directory._write_atomically
+
+    def watched(path: Path, data: bytes) -> None:
+        writers.append(threading.current_thread())
+        write(path, data)
+
+    monkeypatch.setattr(directory, "_write_atomically", watched)
+    store = open_store(tmp_path / "cassettes")
+    try:
+        await store.put("default", entry("a" * 64))  # fast: written on the loop's thread
+        monkeypatch.setattr(directory, "SLOW_WRITE_S", 0.0)  # every disk is slow now
+        await store.put("default", entry("b" * 64))
+        await store.put("default", entry("c" * 64))  # ... so this one goes to a thread
+        assert writers[:2] == [threading.current_thread()] * 2
+        assert writers[2] is not threading.current_thread()
+        for key in ("a", "b", "c"):
+            assert await store.get("default", key * 64, "chat.completions") == entry(key * 64)
+    finally:
+        await store.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import time
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -18,6 +19,8 @@ from ..usage import STATE_DIR
 from .base import StoredItem, stored_item
 from .locking import StripedLocks
 
+SLOW_WRITE_S = 0.005
+
 
 def _write_atomically(path: Path, data: bytes) -> None:
     temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
@@ -25,8 +28,9 @@ def _write_atomically(path: Path, data: bytes) -> None:
         with open(temporary, "wb") as handle:
             handle.write(data)
         os.replace(temporary, path)
-    finally:
+    except BaseException:
         temporary.unlink(missing_ok=True)
+        raise
 
 
 class DirectoryStore:
@@ -35,6 +39,8 @@ class DirectoryStore:
         self.description = f"directory {root}"
         self._folders: set[Path] = set()
         self._locks = StripedLocks(root / STATE_DIR / "locks")
+        self._write_cost = 0.0  # seconds: a moving average of the writes made on the loop
+        self._threaded = False
 
     def path_for(self, cassette: str, key: str, label: str) -> Path:
         return self.root / cassette / f"{label}-{key}.json"
@@ -52,9 +58,17 @@ class DirectoryStore:
         if path.parent not in self._folders:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._folders.add(path.parent)
-        # Creating a file costs far more than a request on some disks: write in a thread so
-        # the event loop keeps serving meanwhile.
-        await asyncio.to_thread(_write_atomically, path, encode_entry(entry))
+        data = encode_entry(entry)
+        if self._threaded:
+            await asyncio.to_thread(_write_atomically, path, data)
+            return
+        # The clients already have their answers. A local write costs less than handing it to a
+        # thread (whose wake-ups and GIL hand-overs slow the next request); on a slow disk or
+        # network file system, writes move to a thread so that the event loop keeps serving.
+        started = time.perf_counter()
+        _write_atomically(path, data)
+        self._write_cost += (time.perf_counter() - started - self._write_cost) * 0.2
+        self._threaded = self._write_cost > SLOW_WRITE_S
 
     async def delete(self, cassette: str, key: str, label: str) -> bool:
         try:
