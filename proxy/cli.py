@@ -159,7 +159,7 @@ def _serve_one(settings: Settings, host: str, port: int, loop_choice: str = "aut
 def _run(make_runner: Callable[[], web.BaseRunner], host: str, port: int, loop_choice: str,
          reuse_port: bool = False) -> None:
     try:
-        serving.serve(make_runner, host, port, reuse_port, serving.new_event_loop(loop_choice))
+        serving.serve(make_runner, host, port, reuse_port, loop_choice)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise click.ClickException(

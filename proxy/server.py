@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from typing import Any
@@ -70,7 +71,9 @@ class ReplayProxy:
             return web.BaseRequest(message, payload, protocol, writer, task, loop,
                                    client_max_size=max_body)
 
-        return web.Server(self.handle, request_factory=make_request, access_log=None,
+        # The handler is _handle itself: no wrapper coroutine on the path of every request.
+        return web.Server(functools.partial(_handle, self.state), request_factory=make_request,
+                          access_log=None,
                           max_field_size=_MAX_HEADER_BYTES, max_line_size=_MAX_HEADER_BYTES)
 
     async def start(self) -> None:
@@ -96,9 +99,6 @@ class ReplayProxy:
         if self._session is not None:
             await self._session.close()
         await state.store.close()
-
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        return await _handle(self.state, request)
 
 
 class ProxyRunner(web.BaseRunner):

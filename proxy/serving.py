@@ -34,10 +34,10 @@ def loop_name(loop: asyncio.AbstractEventLoop) -> str:
 
 
 def serve(make_runner: Callable[[], web.BaseRunner], host: str, port: int,
-          reuse_port: bool = False, loop: asyncio.AbstractEventLoop | None = None) -> None:
+          reuse_port: bool = False, loop_choice: str = "auto") -> None:
     """Serve until SIGINT/SIGTERM, then close connections and clean up. An address already in
     use raises OSError(EADDRINUSE) before anything is served."""
-    event_loop = loop or new_event_loop()
+    event_loop = new_event_loop(loop_choice)
     asyncio.set_event_loop(event_loop)
     try:
         event_loop.run_until_complete(_serve(make_runner, host, port, reuse_port))
