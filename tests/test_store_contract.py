@@ -135,8 +135,8 @@ async def test_directory_writes_leave_the_event_loop_on_a_slow_disk(
     store = open_store(tmp_path / "cassettes")
     try:
         await store.put("default", entry("a" * 64))  # fast: written on the loop's thread
-        monkeypatch.setattr(directory, "SLOW_WRITE_S", 0.0)  # every disk is slow now
         await store.put("default", entry("b" * 64))
+        monkeypatch.setattr(directory, "SLOW_WRITE_S", 0.0)  # every disk is slow now
         await store.put("default", entry("c" * 64))  # ... so this one goes to a thread
         assert writers[:2] == [threading.current_thread()] * 2
         assert writers[2] is not threading.current_thread()

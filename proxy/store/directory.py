@@ -40,7 +40,6 @@ class DirectoryStore:
         self._folders: set[Path] = set()
         self._locks = StripedLocks(root / STATE_DIR / "locks")
         self._write_cost = 0.0  # seconds: a moving average of the writes made on the loop
-        self._threaded = False
 
     def path_for(self, cassette: str, key: str, label: str) -> Path:
         return self.root / cassette / f"{label}-{key}.json"
@@ -59,7 +58,7 @@ class DirectoryStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._folders.add(path.parent)
         data = encode_entry(entry)
-        if self._threaded:
+        if self._write_cost > SLOW_WRITE_S:
             await asyncio.to_thread(_write_atomically, path, data)
             return
         # The clients already have their answers. A local write costs less than handing it to a
@@ -68,7 +67,6 @@ class DirectoryStore:
         started = time.perf_counter()
         _write_atomically(path, data)
         self._write_cost += (time.perf_counter() - started - self._write_cost) * 0.2
-        self._threaded = self._write_cost > SLOW_WRITE_S
 
     async def delete(self, cassette: str, key: str, label: str) -> bool:
         try:
