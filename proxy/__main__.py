@@ -1,3 +1,3 @@
-from proxy.cli import main
+from .tools.cli import main
 
 main()

@@ -6,8 +6,8 @@ VENV="$ROOT/.venv"
 PYTHON="${PYTHON:-python3}"
 extra="${1:-}"
 
-if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
-  echo "replay-proxy needs Python 3.10 or newer; set PYTHON=/path/to/python3.x" >&2
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "replay-proxy needs Python 3.11 or newer; set PYTHON=/path/to/python3.x" >&2
   exit 2
 fi
 if [ ! -x "$VENV/bin/python" ]; then

@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-
-from proxy.canonical import IncomingRequest, KeyPolicy, canonical_request, request_key
-from proxy.cassette import Entry, Recording, encode_entry
-from proxy.providers import parse_route
-from proxy.testing import free_port, run_redis
+from replay_proxy.core.canonical import IncomingRequest, KeyPolicy, canonical_request, request_key
+from replay_proxy.core.cassette import Entry, Recording, encode_entry
+from replay_proxy.core.providers import parse_route
+from replay_proxy.tools.testing import free_port, run_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -179,7 +178,7 @@ def running(*servers: Server) -> Iterator[None]:
 
 
 def proxy_command(port: int, *args: str) -> list[str]:
-    return [PY, "-m", "proxy", "serve", "--port", str(port), *args]
+    return [PY, "-m", "replay_proxy", "serve", "--port", str(port), *args]
 
 
 def chat_body(seed: int, max_tokens: int, stream: bool = False) -> bytes:
@@ -359,13 +358,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix=".bench-", dir=ROOT) as temporary:
         work = Path(temporary)
         sim_port = free_port()
-        simulator = Server("simulator", [PY, "-m", "proxy", "simulate", "--port",
+        simulator = Server("simulator", [PY, "-m", "replay_proxy", "simulate", "--port",
                                          str(sim_port)], sim_port)
         with running(simulator), run_redis() as redis_url:
             args.redis_url = redis_url
             results["fixture"] = record_fixtures(work, simulator)
             for target in (f"diskcache:{work / 'diskcache'}", args.redis_url):
-                subprocess.run([PY, "-m", "proxy", "export", "--from", str(work / "cassettes"),
+                subprocess.run([PY, "-m", "replay_proxy", "export", "--from", str(work / "cassettes"),
                                 "--to", target], check=True, capture_output=True)
             body = chat_body(42, results["fixture"]["max_tokens"])
             path = "/c/bench/v1/chat/completions"
@@ -514,7 +513,7 @@ def measure_streaming(work: Path, simulator: Server, args: argparse.Namespace) -
 
 
 def measure_scale(work: Path, body: bytes, args: argparse.Namespace) -> dict[str, Any]:
-    from proxy.cassette import decode_entry
+    from replay_proxy.core.cassette import decode_entry
 
     template_file = next((work / "cassettes" / "bench").glob("chat.completions-*.json"))
     entries = [decode_entry(p.read_bytes(), str(p))
@@ -556,7 +555,7 @@ def cold_hits_by_store(root: Path, args: argparse.Namespace, count: int) -> dict
     stores = {"directory": str(root), "diskcache": f"diskcache:{root.parent / 'cold-cache'}",
               "redis": args.redis_url + "?prefix=cold"}
     for name in ("diskcache", "redis"):
-        subprocess.run([PY, "-m", "proxy", "export", "--from", str(root), "--to", stores[name],
+        subprocess.run([PY, "-m", "replay_proxy", "export", "--from", str(root), "--to", stores[name],
                         "--cassette", "small"], check=True, capture_output=True)
     samples: dict[str, list[float]] = {name: [] for name in stores}
     for _ in range(max(1, args.rounds)):

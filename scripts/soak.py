@@ -22,14 +22,13 @@ from pathlib import Path
 
 import httpx2
 import orjson
-
-from proxy.testing import free_port
+from replay_proxy.tools.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _start(args: list[str], port: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen([sys.executable, "-m", "proxy", *args, "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "replay_proxy", *args, "--port", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while True:

@@ -7,10 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from proxy.config import Settings
-from proxy.modes import Mode
-from proxy.testing import ProxyThread, SimulatorThread, run_proxy, run_redis, run_simulator
+from replay_proxy.core.modes import Mode
+from replay_proxy.core.settings import Settings
+from replay_proxy.tools.testing import (
+    ProxyThread,
+    SimulatorThread,
+    run_proxy,
+    run_redis,
+    run_simulator,
+)
 
 # A key that looks like a real one, so the tests can search the store for it.
 SECRET_KEY = "sk-proj-TESTSECRETkeyDoNotStore1234567890abcdef"

@@ -7,10 +7,9 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from proxy.canonical import IncomingRequest, KeyPolicy, canonical_request, request_key
-from proxy.errors import ProxyError
-from proxy.providers import parse_route
+from replay_proxy.core.canonical import IncomingRequest, KeyPolicy, canonical_request, request_key
+from replay_proxy.core.errors import ProxyError
+from replay_proxy.core.providers import parse_route
 
 CHAT_ROUTE = parse_route("/v1/chat/completions", {})
 assert CHAT_ROUTE is not None

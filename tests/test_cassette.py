@@ -4,8 +4,7 @@ import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from proxy.cassette import (
+from replay_proxy.core.cassette import (
     FORMAT_VERSION,
     Entry,
     Recording,
@@ -15,7 +14,7 @@ from proxy.cassette import (
     encode_body,
     encode_entry,
 )
-from proxy.errors import CassetteError
+from replay_proxy.core.errors import CassetteError
 
 
 @pytest.mark.parametrize("body", [

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from proxy.explain import differences, explain_miss, nearest
+from replay_proxy.core.explain import differences, explain_miss, nearest
 
 RECORDED = {"provider": "openai", "method": "POST", "route": "chat/completions",
             "body": {"model": "gpt-4o-mini", "temperature": 0.7, "seed": 1,

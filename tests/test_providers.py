@@ -1,9 +1,8 @@
 from __future__ import annotations
 
 import pytest
-
-from proxy.errors import ProxyError
-from proxy.providers import parse_route, split_cassette_prefix, validate_cassette_name
+from replay_proxy.core.errors import ProxyError
+from replay_proxy.core.providers import parse_route, split_cassette_prefix, validate_cassette_name
 
 
 @pytest.mark.parametrize(("path", "query", "expected"), [

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from proxy.testing import SimulatorThread
+from replay_proxy.tools.testing import SimulatorThread
 
 TEST_FILE = '''
 import pytest

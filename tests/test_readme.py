@@ -7,10 +7,9 @@ import shlex
 from pathlib import Path
 
 import httpx2
-
-from proxy.config import Settings
-from proxy.modes import Mode
-from proxy.testing import run_proxy
+from replay_proxy.core.modes import Mode
+from replay_proxy.core.settings import Settings
+from replay_proxy.tools.testing import run_proxy
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,8 +2,7 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
-
-from proxy.sse import EventSplitter, event_fields, is_done
+from replay_proxy.core.sse import EventSplitter, event_fields, is_done
 
 EVENTS = [b"data: {\"a\": 1}\n\n", b"event: response.output_text.delta\ndata: {\"d\": \"x\"}\n\n",
           b": keep-alive comment\n\n", b"data: line one\ndata: line two\r\n\r\n", b"data: [DONE]\n\n"]

@@ -6,10 +6,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-
-from proxy.cassette import Entry, Recording, SseEvent
-from proxy.errors import CassetteError
-from proxy.store import Store, open_store
+from replay_proxy.core.cassette import Entry, Recording, SseEvent
+from replay_proxy.core.errors import CassetteError
+from replay_proxy.store import Store, open_store
 
 BACKENDS: dict[str, Callable[[Path], str]] = {
     "directory": lambda tmp: str(tmp / "cassettes"),
@@ -122,7 +121,7 @@ async def test_directory_writes_leave_the_event_loop_on_a_slow_disk(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
-    from proxy.store import directory
+    from replay_proxy.store import directory
 
     writers: list[threading.Thread] = []
     write = directory._write_atomically

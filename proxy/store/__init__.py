@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Store, StoredItem, open_store
+from .base import Store, StoredItem
+from .factory import open_store
 
 __all__ = ["Store", "StoredItem", "open_store"]

@@ -1,15 +1,14 @@
-"""The store Protocol and the factory that turns a `--store` value into a backend."""
+"""The store Protocol every backend speaks, and how a listed key is reported."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
-from ..cassette import Entry, decode_entry
-from ..errors import CassetteError
+from ..core.cassette import Entry, decode_entry
+from ..core.errors import CassetteError
 
 
 @dataclass(frozen=True)
@@ -53,21 +52,3 @@ class Store(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def open_store(spec: str | Path) -> Store:
-    """`./cassettes` (a directory), `diskcache:PATH` or `redis://host:port/db`."""
-    text = str(spec)
-    if text.startswith("diskcache:"):
-        from .diskcache_store import DiskcacheStore
-
-        return DiskcacheStore(Path(text[len("diskcache:"):]))
-    if text.startswith(("redis://", "rediss://", "unix://")):
-        from .redis_store import RedisStore
-
-        return RedisStore(text)
-    if text.startswith("dir:"):
-        text = text[len("dir:"):]
-    from .directory import DirectoryStore
-
-    return DirectoryStore(Path(text))

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
-from ..cassette import Entry, decode_entry, encode_entry
-from ..usage import STATE_DIR
+from ..core.cassette import Entry, decode_entry, encode_entry
 from .base import StoredItem, stored_item
 from .locking import StripedLocks
+from .state_dir import STATE_DIR
 
 SLOW_WRITE_S = 0.005
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import diskcache
 
-from ..cassette import Entry, decode_entry, encode_entry
-from ..errors import CassetteError
+from ..core.cassette import Entry, decode_entry, encode_entry
+from ..core.errors import CassetteError
 from .base import StoredItem, stored_item
 from .locking import StripedLocks
 

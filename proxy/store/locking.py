@@ -18,7 +18,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from ..usage import STATE_DIR, ensure_state_dir
+from .state_dir import STATE_DIR, ensure_state_dir
 
 STRIPES = 4096
 

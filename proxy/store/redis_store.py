@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ..cassette import Entry, decode_entry, encode_entry
+from ..core.cassette import Entry, decode_entry, encode_entry
 from .base import StoredItem, stored_item
 
 try:

@@ -6,9 +6,9 @@ import io
 from pathlib import Path
 
 from openai import OpenAI
+from replay_proxy.core.modes import Mode
+from replay_proxy.tools.testing import SimulatorThread
 
-from proxy.modes import Mode
-from proxy.testing import SimulatorThread
 from tests.conftest import SECRET_KEY, ProxyFactory
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx2
 import orjson
 import pytest
+from replay_proxy.core.cassette import decode_entry
+from replay_proxy.core.modes import Mode
+from replay_proxy.tools.testing import SimulatorThread, run_proxy_process
 
-from proxy.cassette import decode_entry
-from proxy.modes import Mode
-from proxy.testing import SimulatorThread, run_proxy_process
 from tests.conftest import ProxyFactory, recorded_files
 
 

@@ -8,9 +8,9 @@ import httpx2
 import openai
 import pytest
 from openai import OpenAI
+from replay_proxy.core.modes import Mode
+from replay_proxy.tools.testing import SimulatorThread
 
-from proxy.modes import Mode
-from proxy.testing import SimulatorThread
 from tests.conftest import SECRET_KEY, ProxyFactory, recorded_files
 
 CHAT = {"model": "gpt-4o-mini", "seed": 1, "messages": [{"role": "user", "content": "Hi"}]}

@@ -9,10 +9,10 @@ import orjson
 import pytest
 from click.testing import CliRunner
 from openai import OpenAI
+from replay_proxy.core.modes import Mode
+from replay_proxy.tools.cli import main
+from replay_proxy.tools.testing import SimulatorThread
 
-from proxy.cli import main
-from proxy.modes import Mode
-from proxy.testing import SimulatorThread
 from tests.conftest import SECRET_KEY, ProxyFactory
 
 CHAT = {"model": "gpt-4o-mini", "seed": 11,

@@ -12,10 +12,10 @@ import openai
 import pytest
 from click.testing import CliRunner
 from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
+from replay_proxy.core.modes import Mode
+from replay_proxy.tools.cli import main
+from replay_proxy.tools.testing import SimulatorThread, run_proxy_process
 
-from proxy.cli import main
-from proxy.modes import Mode
-from proxy.testing import SimulatorThread, run_proxy_process
 from tests.conftest import (
     ORG_ID,
     PROJECT_ID,
@@ -113,7 +113,9 @@ def test_auto_mode_replays_under_ci(make_proxy: ProxyFactory, simulator: Simulat
     with make_proxy(Mode.RECORD) as proxy, OpenAI(base_url=proxy.url + "/v1",
                                                   api_key=SECRET_KEY) as client:
         client.chat.completions.create(**CHAT, seed=5)
-    from proxy.testing import run_proxy  # auto mode reads CI from the environ it is given
+    from replay_proxy.tools.testing import (
+        run_proxy,  # auto mode reads CI from the environ it is given
+    )
 
     settings = proxy.state.settings
     from dataclasses import replace

@@ -9,9 +9,8 @@ import httpx2
 import orjson
 from click.testing import CliRunner
 from openai import OpenAI
-
-from proxy.cli import main
-from proxy.testing import SimulatorThread, run_proxy_process
+from replay_proxy.tools.cli import main
+from replay_proxy.tools.testing import SimulatorThread, run_proxy_process
 
 CHAT = {"model": "gpt-4o-mini", "seed": 3, "messages": [{"role": "user", "content": "Fleet?"}]}
 

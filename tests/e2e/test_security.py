@@ -8,10 +8,10 @@ import openai
 import pytest
 from click.testing import CliRunner
 from openai import OpenAI
+from replay_proxy.core.modes import Mode
+from replay_proxy.tools.cli import main
+from replay_proxy.tools.testing import SimulatorThread
 
-from proxy.cli import main
-from proxy.modes import Mode
-from proxy.testing import SimulatorThread
 from tests.conftest import ProxyFactory, stored_bytes
 
 CHAT = {"model": "gpt-4o-mini", "seed": 1, "messages": [{"role": "user", "content": "Hi"}]}
@@ -63,9 +63,8 @@ class _Exploit:
 async def test_stores_never_run_code_from_what_they_load(tmp_path: Path) -> None:
     import diskcache
     import orjson
-
-    from proxy.errors import CassetteError
-    from proxy.store import open_store
+    from replay_proxy.core.errors import CassetteError
+    from replay_proxy.store import open_store
 
     marker = tmp_path / "pwned"
     cache = diskcache.Cache(str(tmp_path / "cache"))

@@ -11,10 +11,10 @@ import httpx2
 import openai
 import pytest
 from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
+from replay_proxy.core.modes import Mode
+from replay_proxy.core.settings import ReplayTiming
+from replay_proxy.tools.testing import SimulatorThread
 
-from proxy.config import ReplayTiming
-from proxy.modes import Mode
-from proxy.testing import SimulatorThread
 from tests.conftest import SECRET_KEY, ProxyFactory, recorded_files
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Stream a poem."}]}

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from .cassette import Entry, Recording
-from .config import Settings
-from .modes import Mode
-from .singleflight import SingleFlight
-from .store import Store
+from ..core.cassette import Entry, Recording
+from ..core.modes import Mode
+from ..core.settings import Settings
+from ..store import Store
+from .flights import SingleFlight
 from .upstream import Upstream
 from .usage import UsageLog
 

@@ -19,10 +19,10 @@ from typing import Any
 
 from aiohttp import web
 
-from .config import Settings
-from .server import ProxyRunner, ReplayProxy
+from ..core.settings import Settings
+from ..server.handler import ProxyRunner, ReplayProxy
+from ..server.state import ProxyState
 from .simulator import SIM_STATE, SimulatorState, create_simulator
-from .state import ProxyState
 
 
 class ServerThread:
@@ -141,7 +141,7 @@ def run_proxy_process(*args: str, env: dict[str, str] | None = None,
                       timeout: float = 30.0) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`replay-proxy serve ARGS` in a child process on a free port; yields (url, process)."""
     port = free_port()
-    command = [sys.executable, "-m", "proxy", "serve", "--port", str(port), *args]
+    command = [sys.executable, "-m", "replay_proxy", "serve", "--port", str(port), *args]
     process = subprocess.Popen(command, env={**os.environ, **(env or {})},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"

@@ -13,8 +13,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from . import fingerprints
-from .cassette import (
+from ..core import fingerprints
+from ..core.cassette import (
     REPLAYED_HEADERS,
     Entry,
     Recording,
@@ -23,12 +23,12 @@ from .cassette import (
     describe_payload,
     now_iso,
 )
-from .errors import UpstreamError
-from .modes import Action, Mode
-from .providers import Route
-from .scrub import scrub, scrub_text
-from .singleflight import Flight, FlightCut, Head
-from .sse import EventSplitter, is_done
+from ..core.errors import UpstreamError
+from ..core.modes import Action, Mode
+from ..core.providers import Route
+from ..core.scrub import scrub, scrub_text
+from ..core.sse import EventSplitter, is_done
+from .flights import Flight, FlightCut, Head
 from .state import ProxyState
 
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})

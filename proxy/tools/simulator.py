@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .canonical import multipart_parts
+from ..core.canonical import multipart_parts
 
 _WORDS = (
     "the quick brown fox jumps over a lazy dog while seven bright stars shine above "

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from enum import Enum
+from enum import StrEnum
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     RECORD = "record"  # replay hits, forward and store misses
     REPLAY = "replay"  # replay hits, refuse misses: never reaches upstream
     PASSTHROUGH = "passthrough"  # forward everything, store nothing
@@ -14,7 +14,7 @@ class Mode(str, Enum):
     AUTO = "auto"  # replay when CI is set, record otherwise
 
 
-class Action(str, Enum):
+class Action(StrEnum):
     REPLAY = "replay"
     RECORD = "record"
     FORWARD = "forward"

@@ -12,10 +12,10 @@ from typing import Any
 import aiohttp
 import orjson
 
-from . import fingerprints
-from .cassette import Entry, Recording, SseEvent
-from .recorder import body_recording, stream_recording
-from .sse import EventSplitter
+from ..core import fingerprints
+from ..core.cassette import Entry, Recording, SseEvent
+from ..core.sse import EventSplitter
+from ..server.recorder import body_recording, stream_recording
 
 
 @dataclass(frozen=True)

@@ -15,19 +15,20 @@ import click
 import orjson
 from aiohttp import web
 
-from . import serving
+from ..core.canonical import KeyPolicy
+from ..core.cassette import Entry, encode_entry
+from ..core.errors import ProxyError
+from ..core.modes import Mode, resolve_mode
+from ..core.providers import validate_cassette_name
+from ..core.settings import DEFAULT_MAX_BODY, DEFAULT_PORT, OPENAI_UPSTREAM, ReplayTiming, Settings
+from ..server import serving
+from ..server.usage import last_used, read_runs, read_usage, used_since
+from ..store import StoredItem, open_store
+from ..store.state_dir import state_dir
 from .audit import Upstreams, Verdict
 from .audit import probe as probe_upstream
 from .audit import verify as verify_entries
-from .canonical import KeyPolicy
-from .cassette import Entry, encode_entry
-from .config import DEFAULT_MAX_BODY, DEFAULT_PORT, OPENAI_UPSTREAM, ReplayTiming, Settings
-from .errors import ProxyError
-from .modes import Mode, resolve_mode
-from .providers import validate_cassette_name
 from .report import DRIFTS, drift_rows, ls_row, show_text, table, totals
-from .store import StoredItem, open_store
-from .usage import last_used, read_runs, read_usage, state_dir, used_since
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -151,7 +152,7 @@ def serve(host: str, port: int, mode: str, cassettes: Path, default_cassette: st
 
 def _serve_one(settings: Settings, host: str, port: int, loop_choice: str = "auto",
                reuse_port: bool = False) -> None:
-    from .server import ProxyRunner, ReplayProxy
+    from ..server.handler import ProxyRunner, ReplayProxy
 
     _run(lambda: ProxyRunner(ReplayProxy(settings)), host, port, loop_choice, reuse_port)
 

@@ -11,30 +11,18 @@ import os
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from .cassette import now_iso
-
-STATE_DIR = ".replay-proxy"
-
-
-def state_dir(cassettes: Path) -> Path:
-    return cassettes / STATE_DIR
-
-
-def ensure_state_dir(directory: Path) -> None:
-    """Create the folder, ignored by git wherever the cassettes are committed."""
-    if not directory.is_dir():
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / ".gitignore").write_text("# replay-proxy's usage log and locks\n*\n")
+from ..core.cassette import now_iso
+from ..store.state_dir import ensure_state_dir
 
 
 def new_run_id() -> str:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     return f"{stamp}-{os.getpid()}-{secrets.token_hex(2)}"
 
 

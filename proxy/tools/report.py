@@ -7,9 +7,9 @@ from typing import Any
 
 import orjson
 
-from . import fingerprints
-from .cassette import Entry
-from .store import StoredItem
+from ..core import fingerprints
+from ..core.cassette import Entry
+from ..store import StoredItem
 
 DRIFTS = (fingerprints.DRIFT_FINGERPRINT, fingerprints.DRIFT_OUTPUT)
 

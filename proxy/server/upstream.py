@@ -11,9 +11,9 @@ from collections.abc import Mapping
 import aiohttp
 from yarl import URL
 
-from .config import Settings
-from .errors import UpstreamError
-from .providers import Route
+from ..core.errors import UpstreamError
+from ..core.providers import Route
+from ..core.settings import Settings
 
 _HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",

@@ -18,22 +18,23 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from . import fingerprints
-from .canonical import IncomingRequest, canonical_request, request_key
-from .cassette import Recording
-from .config import Settings
-from .errors import ProxyError, ReplayMiss
-from .explain import explain_miss
-from .modes import Action, Mode, decide, resolve_mode
-from .providers import Route, parse_route, split_cassette_prefix, validate_cassette_name
+from ..core import fingerprints
+from ..core.canonical import IncomingRequest, canonical_request, request_key
+from ..core.cassette import Recording
+from ..core.errors import ProxyError, ReplayMiss
+from ..core.explain import explain_miss
+from ..core.modes import Action, Mode, decide, resolve_mode
+from ..core.providers import Route, parse_route, split_cassette_prefix, validate_cassette_name
+from ..core.scrub import secret_values
+from ..core.settings import Settings
+from ..store import open_store
+from ..store.state_dir import state_dir
+from .flights import Flight, FlightCut
 from .recorder import Exchange, pump
-from .scrub import secret_values
 from .serving import loop_name
-from .singleflight import Flight, FlightCut
 from .state import HotKey, HotReply, ProxyState
-from .store import open_store
 from .upstream import Upstream, client_timeout
-from .usage import UsageLog, state_dir
+from .usage import UsageLog
 
 log = logging.getLogger("replay_proxy")
 

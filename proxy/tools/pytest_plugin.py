@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from .config import OPENAI_UPSTREAM, Settings
-from .modes import Mode, resolve_mode
-from .state import CassetteOptions
+from ..core.modes import Mode, resolve_mode
+from ..core.settings import OPENAI_UPSTREAM, Settings
+from ..server.state import CassetteOptions
 from .testing import ProxyThread
 
 MODES = [mode.value for mode in Mode]
@@ -77,7 +77,7 @@ def _settings(config: pytest.Config) -> Settings:
 def _proxy(config: pytest.Config) -> ProxyThread:
     """The session's proxy, started on first use on a free loopback port."""
     if _PROXY_KEY not in config.stash:
-        from .server import ReplayProxy
+        from ..server.handler import ReplayProxy
 
         settings = _settings(config)
         proxy = ProxyThread(lambda: ReplayProxy(settings, dict(os.environ)))
