@@ -59,8 +59,10 @@ def test_entry_round_trips_and_file_is_pretty_and_sorted() -> None:
     raw = encode_entry(entry)
     assert decode_entry(raw, "x.json") == entry
     text = raw.decode()
-    assert text.startswith('{\n  "format": 1,\n  "key"')
-    assert text.index('"a": 2') < text.index('"b": 1')  # the canonical request is sorted
+    assert text.startswith('{\n  "format": 2,\n  "key"')
+    # What was asked comes before what was answered; the canonical request is sorted.
+    assert text.index('"request"') < text.index('"recordings"')
+    assert text.index('"a": 2') < text.index('"b": 1')
     assert entry.pinned_fingerprint == "fp_1"
     assert decode_entry(raw, "x").recordings[0].body == b'{"id":"b","answer":"yes"}'
 
@@ -84,3 +86,27 @@ def test_newer_format_asks_for_an_upgrade() -> None:
         decode_entry(raw, "f.json")
     assert "Upgrade replay-proxy" in caught.value.message
     assert caught.value.code == "cassette_format_unsupported"
+
+
+def test_format_1_files_still_load_as_alternatives() -> None:
+    document = orjson.loads(encode_entry(_entry()))
+    document["format"] = 1
+    del document["sequence"]
+    entry = decode_entry(orjson.dumps(document), "old.json")
+    assert entry.sequence is False and len(entry.recordings) == 2
+
+
+def test_a_sequence_round_trips_without_a_pinned_fingerprint() -> None:
+    entry = _entry()
+    sequence = entry.as_sequence(entry.recordings)
+    decoded = decode_entry(encode_entry(sequence), "seq.json")
+    assert decoded.sequence is True and decoded.pinned_fingerprint is None
+    assert decoded.recordings == entry.recordings
+
+
+def test_an_unknown_drift_class_names_the_file() -> None:
+    document = orjson.loads(encode_entry(_entry()))
+    document["recordings"][0]["drift"] = "drift:weather"
+    with pytest.raises(CassetteError) as caught:
+        decode_entry(orjson.dumps(document), "cassettes/x/chat-k.json")
+    assert "cassettes/x/chat-k.json" in caught.value.message

@@ -143,3 +143,81 @@ async def test_directory_writes_leave_the_event_loop_on_a_slow_disk(
             assert await store.get("default", key * 64, "chat.completions") == entry(key * 64)
     finally:
         await store.close()
+
+
+async def test_occurrences_count_per_session_cassette_and_key(store: Store) -> None:
+    claims = [await store.claim_occurrence("s1", "default", "k" * 64) for _ in range(3)]
+    assert claims == [1, 2, 3]
+    assert await store.claim_occurrence("s2", "default", "k" * 64) == 1  # another session
+    assert await store.claim_occurrence("s1", "other", "k" * 64) == 1  # another cassette
+    assert await store.claim_occurrence("s1", "default", "j" * 64) == 1  # another key
+
+
+async def test_a_released_claim_is_given_again_and_never_below_zero(store: Store) -> None:
+    assert await store.claim_occurrence("s", "default", "k" * 64) == 1
+    assert await store.claim_occurrence("s", "default", "k" * 64) == 2
+    await store.release_occurrence("s", "default", "k" * 64)
+    assert await store.claim_occurrence("s", "default", "k" * 64) == 2
+    for _ in range(4):
+        await store.release_occurrence("s", "default", "k" * 64)
+    assert await store.claim_occurrence("s", "default", "k" * 64) == 1
+
+
+async def test_reset_starts_one_session_again(store: Store) -> None:
+    for cassette in ("a", "b/nested"):
+        for _ in range(2):
+            await store.claim_occurrence("s1", cassette, "k" * 64)
+    await store.claim_occurrence("s2", "a", "k" * 64)
+    await store.reset_session("s1")
+    assert await store.claim_occurrence("s1", "a", "k" * 64) == 1
+    assert await store.claim_occurrence("s1", "b/nested", "k" * 64) == 1
+    assert await store.claim_occurrence("s2", "a", "k" * 64) == 2  # untouched
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+async def test_two_instances_of_a_local_store_share_their_counters(backend: str,
+                                                                   tmp_path: Path) -> None:
+    """As two `--workers` processes do: the n-th poll is counted in one place."""
+    first, second = open_store(BACKENDS[backend](tmp_path)), open_store(BACKENDS[backend](tmp_path))
+    try:
+        seen = [await store.claim_occurrence("s", "c", "k" * 64)
+                for store in (first, second, first, second)]
+        assert seen == [1, 2, 3, 4]
+    finally:
+        await first.close()
+        await second.close()
+
+
+def test_counters_are_shared_with_another_process(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    spec = BACKENDS["directory"](tmp_path)
+    script = ("import asyncio, sys\n"
+              "from replay_proxy.store import open_store\n"
+              "async def main():\n"
+              "    store = open_store(sys.argv[1])\n"
+              "    print(await store.claim_occurrence('s', 'c', 'k' * 64))\n"
+              "    await store.close()\n"
+              "asyncio.run(main())\n")
+    outputs = [subprocess.run([sys.executable, "-c", script, spec], capture_output=True,
+                              text=True, check=True).stdout.strip() for _ in range(3)]
+    assert outputs == ["1", "2", "3"]
+
+
+async def test_counters_fall_back_to_memory_where_the_folder_cannot_be_used(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A read-only checkout still replays sequences; its counters stay in this process."""
+    root = tmp_path / "cassettes"
+    (root / ".replay-proxy").mkdir(parents=True)
+    (root / ".replay-proxy" / "sequences").write_text("not a folder")
+    store = open_store(str(root))
+    try:
+        assert [await store.claim_occurrence("s", "c", "k" * 64) for _ in range(2)] == [1, 2]
+        await store.release_occurrence("s", "c", "k" * 64)
+        assert await store.claim_occurrence("s", "c", "k" * 64) == 2
+        await store.reset_session("s")
+        assert await store.claim_occurrence("s", "c", "k" * 64) == 1
+        assert "counting in this process only" in caplog.text
+    finally:
+        await store.close()

@@ -1,8 +1,11 @@
 """What a recording is and how one key's recordings are written to, and read from, a file.
 
-One file per key: the format version, the canonical request, the pinned fingerprint and the
-recordings, pretty-printed and key-sorted so that a diff of a cassette reads well in review.
-Bodies are stored so that replay gives back the exact bytes the upstream sent. Pure: no I/O.
+One file per key: the format version, the canonical request, whether the recordings are a
+sequence, the pinned fingerprint and the recordings, pretty-printed with the request first and
+every other key sorted, so that a diff of a cassette reads well in review. Bodies are stored so
+that replay gives back the exact bytes the upstream sent. Pure: no I/O.
+
+Format 2 added `sequence`; format 1 files (which have none) still load, as alternatives.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import base64
 import binascii
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -18,14 +22,24 @@ import orjson
 from .errors import CassetteError
 from .sse import event_data
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = frozenset({1, 2})
 
 # Response headers worth replaying. Everything else (cookies, organisation ids, rate-limit
 # counters, dates) is dropped before storage.
 REPLAYED_HEADERS = frozenset({
     "content-type", "openai-model", "openai-version", "openai-processing-ms", "x-request-id",
     "retry-after", "apim-request-id", "azureml-model-deployment",
+    "openai-poll-after-ms",  # how long the SDK's polling helpers wait before asking again
 })
+
+
+class Drift(StrEnum):
+    """How a fresh answer compared with what its key had recorded (refresh, verify)."""
+
+    SAME = "same"
+    FINGERPRINT = "drift:fingerprint"  # the backend configuration changed
+    OUTPUT = "drift:output"  # same seed and fingerprint, different answer
 
 
 @dataclass(frozen=True)
@@ -45,7 +59,8 @@ class Recording:
     recorded_at: str = ""
     usage: dict[str, Any] | None = None
     duration_ms: float = 0.0
-    drift: str | None = None  # set by refresh: same, drift:fingerprint or drift:output
+    drift: Drift | None = None  # set by refresh and verify --update
+    verified_at: str | None = None  # the last refresh or verify that got this same answer
 
     @property
     def is_stream(self) -> bool:
@@ -54,7 +69,11 @@ class Recording:
 
 @dataclass(frozen=True)
 class Entry:
-    """Everything stored under one key of one cassette."""
+    """Everything stored under one key of one cassette.
+
+    `sequence` says how the recordings are replayed: in order, the n-th identical request of a
+    session getting the n-th (a stateful route), or as alternatives chosen by fingerprint.
+    """
 
     key: str
     label: str
@@ -62,10 +81,23 @@ class Entry:
     recordings: tuple[Recording, ...] = ()
     pinned_fingerprint: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    sequence: bool = False
 
     def add(self, recording: Recording) -> Entry:
+        """One more alternative; the first recording's fingerprint is pinned."""
         pinned = recording.system_fingerprint if not self.recordings else self.pinned_fingerprint
-        return replace(self, recordings=(*self.recordings, recording), pinned_fingerprint=pinned)
+        return replace(self, recordings=(*self.recordings, recording), pinned_fingerprint=pinned,
+                       sequence=False)
+
+    def as_sequence(self, recordings: tuple[Recording, ...]) -> Entry:
+        return replace(self, recordings=recordings, pinned_fingerprint=None, sequence=True)
+
+    def verified(self, recording: Recording, at: str) -> Entry:
+        """`recording` (one of this entry's) was confirmed by an identical fresh answer at `at`:
+        noted on it, rather than stored again."""
+        recordings = tuple(replace(kept, verified_at=at) if kept is recording else kept
+                           for kept in self.recordings)
+        return replace(self, recordings=recordings)
 
     def fingerprints(self) -> list[str | None]:
         seen: list[str | None] = []
@@ -80,18 +112,20 @@ def now_iso() -> str:
 
 
 def encode_entry(entry: Entry) -> bytes:
-    document = {
+    # What was asked comes first, what was answered last; keys are sorted elsewhere for stable
+    # diffs, except inside stored bodies, whose key order is part of the bytes replay returns.
+    document: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "key": entry.key,
         "label": entry.label,
         "request": sort_keys(entry.request),
+        **({"extra": sort_keys(entry.extra)} if entry.extra else {}),
+        "sequence": entry.sequence,
         "pinned_fingerprint": entry.pinned_fingerprint,
-        "recordings": [_encode_recording(recording) for recording in entry.recordings],
-        **({"extra": entry.extra} if entry.extra else {}),
+        "recordings": [sort_keys(_encode_recording(recording), keep={"body"})
+                       for recording in entry.recordings],
     }
-    # Keys are sorted for stable diffs, except inside stored bodies, whose key order is part of
-    # the bytes that replay must reproduce.
-    return orjson.dumps(sort_keys(document, keep={"body"}), option=orjson.OPT_INDENT_2) + b"\n"
+    return orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n"
 
 
 def sort_keys(value: Any, keep: frozenset[str] | set[str] = frozenset()) -> Any:
@@ -123,7 +157,7 @@ def decode_entry(raw: bytes, source: str) -> Entry:
             "(pip install -U replay-proxy) to read it.",
             code="cassette_format_unsupported",
         )
-    if version != FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version not in READABLE_FORMATS:
         raise CassetteError(f"Cassette file {source} has no valid format version ({version!r}).")
     try:
         recordings = tuple(_decode_recording(item) for item in document["recordings"])
@@ -134,6 +168,7 @@ def decode_entry(raw: bytes, source: str) -> Entry:
             recordings=recordings,
             pinned_fingerprint=document.get("pinned_fingerprint"),
             extra=dict(document.get("extra") or {}),
+            sequence=document.get("sequence") is True,
         )
     except (KeyError, TypeError, ValueError, binascii.Error) as exc:
         raise CassetteError(
@@ -155,6 +190,8 @@ def _encode_recording(recording: Recording) -> dict[str, Any]:
         encoded["usage"] = recording.usage
     if recording.drift is not None:
         encoded["drift"] = recording.drift
+    if recording.verified_at is not None:
+        encoded["verified_at"] = recording.verified_at
     if recording.events is not None:
         encoded["events"] = [_encode_event(event) for event in recording.events]
     else:
@@ -179,7 +216,8 @@ def _decode_recording(item: dict[str, Any]) -> Recording:
         recorded_at=str(item.get("recorded_at", "")),
         usage=item.get("usage"),
         duration_ms=float(item.get("duration_ms", 0.0)),
-        drift=item.get("drift"),
+        drift=Drift(item["drift"]) if item.get("drift") is not None else None,
+        verified_at=item.get("verified_at"),
     )
 
 

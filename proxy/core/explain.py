@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 
+from .plan import FingerprintNotRecorded, SequenceExhausted
+
 _MISSING = object()
 _SHOWN = 60  # characters of context kept around the first difference of two strings
 
@@ -97,6 +99,30 @@ def explain_miss(cassette: str, canonical: Mapping[str, Any], key: str,
     advice = (" To record it, run the proxy with --mode record (or unset CI for --mode auto); to"
               " ignore a field that should not matter, pass --ignore-field NAME.")
     return head + tail + advice
+
+
+def explain_fingerprint(cassette: str, method: str, route: str, key: str,
+                        reason: FingerprintNotRecorded) -> str:
+    known = ", ".join(str(fingerprint) for fingerprint in reason.recorded)
+    return (f"Replay miss: cassette '{cassette}' has key {key[:16]} for {method} {route}, but "
+            f"no recording has fingerprint {reason.wanted}; recorded: {known}. Choose a recorded "
+            "fingerprint, or drop the X-Replay-Fingerprint header / --fingerprint value.")
+
+
+def explain_exhausted(cassette: str, route: str, key: str, session: str,
+                      reason: SequenceExhausted) -> str:
+    position = reason.position
+    return (f"Replay miss: cassette '{cassette}' key {key[:16]}: this is the "
+            f"{ordinal(position.occurrence)} identical {reason.method} {route} in session "
+            f"'{session}'; {position.recorded} recorded. The code under test repeats this request "
+            "more often than when it was recorded: record the sequence again (--mode record on "
+            "a cassette without this key), or, if the extra calls are expected, send them in a "
+            "session of their own (X-Replay-Session).")
+
+
+def ordinal(number: int) -> str:
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
 
 
 def _show_pair(recorded: Any, requested: Any) -> tuple[str, str]:

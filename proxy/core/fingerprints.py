@@ -13,15 +13,13 @@ from typing import Any
 
 import orjson
 
-from .cassette import Entry, Recording
+from .cassette import Drift, Entry, Recording
 from .sse import event_data
 
 PINNED = "pinned"
 LATEST = "latest"
 
-SAME = "same"
-DRIFT_FINGERPRINT = "drift:fingerprint"
-DRIFT_OUTPUT = "drift:output"
+
 
 # Fields that differ on every call without the answer changing.
 _VOLATILE = frozenset({"id", "created", "created_at", "system_fingerprint", "completed_at",
@@ -53,12 +51,26 @@ def select(entry: Entry, policy: str) -> Selection:
     return Selection(None, None, f"no recording has fingerprint {wanted}; recorded: {known}")
 
 
-def classify(pinned: Recording | None, fresh: Recording) -> str:
-    if pinned is None:
-        return SAME
-    if fresh.system_fingerprint != pinned.system_fingerprint:
-        return DRIFT_FINGERPRINT
-    return SAME if answer(pinned) == answer(fresh) else DRIFT_OUTPUT
+def baseline(entry: Entry, fingerprint: str | None) -> Recording | None:
+    """What a fresh answer under `fingerprint` is compared with: the latest recording of that
+    fingerprint when the key has one (then a different answer is output drift, the event the
+    seed documentation warns about), else the pinned recording."""
+    for recording in reversed(entry.recordings):
+        if recording.system_fingerprint == fingerprint:
+            return recording
+    return select(entry, PINNED).recording
+
+
+def classify(before: Recording | None, fresh: Recording) -> Drift:
+    if before is None:
+        return Drift.SAME
+    if fresh.system_fingerprint != before.system_fingerprint:
+        return Drift.FINGERPRINT
+    return Drift.SAME if answer(before) == answer(fresh) else Drift.OUTPUT
+
+
+def classify_against(entry: Entry, fresh: Recording) -> Drift:
+    return classify(baseline(entry, fresh.system_fingerprint), fresh)
 
 
 def answer(recording: Recording) -> Any:

@@ -1,4 +1,4 @@
-"""Record modes and what each does with a hit or a miss. Pure."""
+"""The record modes, and `auto` resolved from the environment. Pure."""
 
 from __future__ import annotations
 
@@ -14,13 +14,6 @@ class Mode(StrEnum):
     AUTO = "auto"  # replay when CI is set, record otherwise
 
 
-class Action(StrEnum):
-    REPLAY = "replay"
-    RECORD = "record"
-    FORWARD = "forward"
-    MISS = "miss"
-
-
 def is_ci(environ: Mapping[str, str]) -> bool:
     return environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -29,15 +22,3 @@ def resolve_mode(mode: Mode, environ: Mapping[str, str]) -> Mode:
     if mode is Mode.AUTO:
         return Mode.REPLAY if is_ci(environ) else Mode.RECORD
     return mode
-
-
-def decide(mode: Mode, has_recording: bool) -> Action:
-    if mode is Mode.PASSTHROUGH:
-        return Action.FORWARD
-    if mode is Mode.REFRESH:
-        return Action.RECORD
-    if has_recording:
-        return Action.REPLAY
-    if mode is Mode.REPLAY:
-        return Action.MISS
-    return Action.RECORD

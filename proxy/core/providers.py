@@ -16,6 +16,7 @@ from .errors import ProxyError
 Provider = Literal["openai", "azure"]
 
 CASSETTE_PREFIX = "/c/"
+SESSION_PREFIX = "/s/"
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,127}$")
 _MAX_NAME = 255
 _DEPLOYMENT = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -92,6 +93,34 @@ def split_cassette_prefix(path: str) -> tuple[str | None, str]:
     if "%" in raw_name or unquote(raw_name) != raw_name:
         raise _bad_name(raw_name, "percent-encoded characters are not allowed")
     return validate_cassette_name(raw_name), "/" + rest[match.start() + 1:]
+
+
+def validate_session_name(name: str) -> str:
+    """A session id is one safe segment: letters, digits and `_ . = + -`, 1 to 128 long."""
+    if not _SEGMENT.match(name):
+        shown = name if len(name) <= 80 else name[:77] + "..."
+        raise ProxyError(
+            f"Invalid session {shown!r}: use 1 to 128 letters, digits and '_ . = + -', starting "
+            "with a letter, digit or '_'.",
+            status=400, code="invalid_session", param="session",
+        )
+    return name
+
+
+def split_session_prefix(path: str) -> tuple[str | None, str]:
+    """`/s/<session>/...` -> (session, `/...`): a session chosen in the base URL, for clients
+    that cannot send the X-Replay-Session header."""
+    if not path.startswith(SESSION_PREFIX):
+        return None, path
+    name, slash, rest = path[len(SESSION_PREFIX):].partition("/")
+    if not slash:
+        raise ProxyError(f"The path {path!r} names a session but no API route after it; use "
+                         "/s/<session>/v1/... or /s/<session>/c/<cassette>/v1/...",
+                         status=400, code="invalid_session")
+    if "%" in name:
+        raise ProxyError("Percent-encoded characters are not allowed in a session id.",
+                         status=400, code="invalid_session")
+    return validate_session_name(name), "/" + rest
 
 
 def parse_route(path: str, query: dict[str, str]) -> Route | None:

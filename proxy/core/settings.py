@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .canonical import KeyPolicy
 from .modes import Mode
+from .routes import SequencePolicy
 
 DEFAULT_PORT = 8787
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
@@ -51,6 +52,9 @@ class Settings:
     inject_seed: int | None = None
     upstream_timeout: float = 600.0
     auth_token: str | None = None
+    sequence: SequencePolicy = SequencePolicy.STATEFUL
+    # One run (and default session) shared by every worker of one `serve`; None: a new one.
+    run_id: str | None = None
 
     @property
     def store_spec(self) -> str:

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 import os
-from typing import Any
+from typing import Any, assert_never
 from urllib.parse import unquote
 
 import aiohttp
@@ -18,27 +18,45 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from ..core import fingerprints
 from ..core.canonical import IncomingRequest, canonical_request, request_key
 from ..core.cassette import Recording
 from ..core.errors import ProxyError, ReplayMiss
-from ..core.explain import explain_miss
-from ..core.modes import Action, Mode, decide, resolve_mode
-from ..core.providers import Route, parse_route, split_cassette_prefix, validate_cassette_name
+from ..core.explain import explain_exhausted, explain_fingerprint, explain_miss
+from ..core.modes import Mode, resolve_mode
+from ..core.plan import (
+    FingerprintNotRecorded,
+    Forward,
+    Miss,
+    NotRecorded,
+    Passthrough,
+    Replay,
+    SequenceExhausted,
+    plan,
+)
+from ..core.providers import (
+    Route,
+    parse_route,
+    split_cassette_prefix,
+    split_session_prefix,
+    validate_cassette_name,
+    validate_session_name,
+)
+from ..core.routes import is_sequenced, route_class
 from ..core.scrub import secret_values
 from ..core.settings import Settings
 from ..store import open_store
 from ..store.state_dir import state_dir
 from .flights import Flight, FlightCut
-from .recorder import Exchange, pump
+from .recorder import Exchange, pump, replay_headers
 from .serving import loop_name
 from .state import HotKey, HotReply, ProxyState
 from .upstream import Upstream, client_timeout
-from .usage import UsageLog
+from .usage import UsageLog, new_run_id
 
 log = logging.getLogger("replay_proxy")
 
 CASSETTE_HEADER = "x-replay-cassette"
+SESSION_HEADER = "x-replay-session"
 FINGERPRINT_HEADER = "x-replay-fingerprint"
 SEEDED_ROUTES = frozenset({"chat/completions", "completions"})
 _UNSAFE_RAW = ("%2f", "%5c", "%2e", "%00")
@@ -58,6 +76,7 @@ class ReplayProxy:
             settings=settings,
             store=open_store(settings.store_spec),
             mode=resolve_mode(settings.mode, environ),
+            default_session=settings.run_id or new_run_id(),
         )
         self._session: aiohttp.ClientSession | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -86,7 +105,7 @@ class ReplayProxy:
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         state.upstream = Upstream(state.settings, self._session)
-        state.usage = UsageLog(state_dir(state.settings.cassettes))
+        state.usage = UsageLog(state_dir(state.settings.cassettes), run=state.default_session)
         self._flusher = asyncio.get_running_loop().create_task(_flush_usage(state))
 
     async def stop(self) -> None:
@@ -135,17 +154,29 @@ def error_response(exc: ProxyError, headers: dict[str, str] | None = None) -> we
                         headers=all_headers)
 
 
-_INTERNAL = frozenset({"/_replay/health", "/_replay/stats"})
+_INTERNAL_PREFIX = "/_replay/"
 
 
-def _internal(state: ProxyState, path: str) -> web.Response:
-    """The proxy's own endpoints: /_replay/health and /_replay/stats."""
-    if path == "/_replay/health":
+async def _internal(state: ProxyState, request: web.BaseRequest) -> web.Response:
+    """The proxy's own endpoints: GET /_replay/health, GET /_replay/stats, and
+    POST /_replay/reset[?session=ID] (the default session unless one is named)."""
+    route = (request.method, request.path)
+    if route == ("GET", "/_replay/health"):
         payload: object = {"status": "ok", "mode": state.mode.value,
                            "store": state.store.description,
                            "loop": loop_name(asyncio.get_running_loop())}
-    else:
+    elif route == ("GET", "/_replay/stats"):
         payload = state.snapshot()
+    elif route == ("POST", "/_replay/reset"):
+        named = request.rel_url.query.get("session")
+        session = validate_session_name(named) if named is not None else state.default_session
+        await state.store.reset_session(session)
+        payload = {"session": session, "reset": True}
+    else:
+        raise ProxyError(
+            f"Invalid URL ({request.method} {request.path}). replay-proxy's own endpoints are "
+            "GET /_replay/health, GET /_replay/stats and POST /_replay/reset.",
+            status=404, code="unknown_url")
     return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
 
@@ -200,9 +231,9 @@ def _count_hit(state: ProxyState, cassette: str, key: str, tokens: int) -> None:
 async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
                  hot_key: HotKey) -> web.StreamResponse:
     settings = state.settings
-    if request.method == "GET" and request.path in _INTERNAL:
-        return _internal(state, request.path)
-    cassette, route, query = _locate(request, settings)
+    if request.path.startswith(_INTERNAL_PREFIX):
+        return await _internal(state, request)
+    cassette, session, route, query = _locate(request, state)
     # aiohttp has already decoded a compressed request body: key and forward it as plain bytes.
     headers = {name.lower(): value for name, value in request.headers.items()
                if name.lower() != "content-encoding"}
@@ -213,54 +244,81 @@ async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
     base_headers = {"X-Replay-Key": key, "X-Replay-Cassette": cassette}
     mode = state.mode_for(cassette)
     policy = state.fingerprint_for(cassette, headers.get(FINGERPRINT_HEADER))
-
-    selection = None
+    klass = route_class(request.method, route.route, canonical.get("body"))
+    sequenced = mode is not Mode.PASSTHROUGH and is_sequenced(klass, settings.sequence)
+    entry = None
     if mode in (Mode.RECORD, Mode.REPLAY):
         entry = await state.entry(cassette, key, route.label)
-        if entry is not None:
-            selection = fingerprints.select(entry, policy)
-            if selection.recording is None:
-                state.count(cassette, "misses")
-                message = (
-                    f"Replay miss: cassette '{cassette}' has key {key[:16]} for "
-                    f"{request.method} {route.route}, but {selection.reason}. Choose a recorded "
-                    "fingerprint, or drop the X-Replay-Fingerprint header / --fingerprint value.")
-                state.last_miss[cassette] = message
-                return error_response(ReplayMiss(message, code="fingerprint_not_recorded"),
-                                      {**base_headers, "X-Replay-Status": "miss"})
-    action = decide(mode, selection is not None and selection.recording is not None)
+    occurrence = await state.store.claim_occurrence(session, cassette, key) if sequenced else None
+    decision = plan(mode, entry, fingerprint=policy, occurrence=occurrence, method=request.method)
 
-    if action is Action.REPLAY:
-        assert selection is not None and selection.recording is not None
-        recording = selection.recording
-        usage = recording.usage or {}
-        tokens = usage["total_tokens"] if isinstance(usage.get("total_tokens"), int) else 0
-        reply = HotReply(cassette, key, recording, {
-            **recording.headers, **base_headers,
-            "X-Replay-Fingerprint": selection.fingerprint or "", "X-Replay-Status": "hit"},
-            tokens, state.counts_for(cassette))
-        state.remember_hot(hot_key, reply)
-        _count_hit(state, cassette, key, tokens)
-        return await _replay(state, request, recording, reply.headers)
+    match decision:
+        case Replay():
+            recording = decision.recording
+            usage = recording.usage or {}
+            tokens = usage["total_tokens"] if isinstance(usage.get("total_tokens"), int) else 0
+            reply_headers = {**replay_headers(settings, decision), **base_headers,
+                             "X-Replay-Status": "hit"}
+            if decision.position is None:  # an answer that never changes: answer it at once
+                state.remember_hot(hot_key, HotReply(cassette, key, recording, reply_headers,
+                                                     tokens, state.counts_for(cassette)))
+            _count_hit(state, cassette, key, tokens)
+            return await _replay(state, request, recording, reply_headers)
+        case Miss():
+            if occurrence is not None:
+                await state.store.release_occurrence(session, cassette, key)
+            state.count(cassette, "misses")
+            error = await _miss_error(state, decision, cassette, session, canonical, key, route)
+            state.last_miss[cassette] = error.message
+            return error_response(error, {**base_headers, "X-Replay-Status": "miss"})
+        case Forward() | Passthrough():
+            forward = decision if isinstance(decision, Forward) else None
+            exchange = Exchange(
+                cassette=cassette, key=key, route=route, method=request.method, query=query,
+                headers=headers, body=body, canonical=canonical, forward=forward, mode=mode,
+                fingerprint=policy, occurrence=occurrence, secrets=tuple(secret_values(headers)),
+            )
+            if forward is None:
+                flight_name = f"pass\x1f{id(request)}"
+            elif occurrence is None:
+                flight_name = f"{cassette}\x1f{key}"
+            else:  # the n-th request of a sequence: one upstream call per occurrence
+                flight_name = f"{cassette}\x1f{key}\x1f{occurrence}"
+            flight = state.flights.join(flight_name, lambda flight: pump(state, exchange, flight))
+            response = await _follow(state, request, flight, base_headers)
+            if occurrence is not None and not _joined_sequence(flight):
+                # Not stored (an upstream error, a cut): a retry takes this place instead.
+                await state.store.release_occurrence(session, cassette, key)
+            return response
+        case _:
+            assert_never(decision)
 
-    if action is Action.MISS:
-        state.count(cassette, "misses")
-        candidates = [
-            (item.label, item.key, item.entry.request)
-            for item in await state.store.items(cassette) if item.entry is not None
-        ]
-        message = explain_miss(cassette, canonical, key, candidates)
-        state.last_miss[cassette] = message
-        return error_response(ReplayMiss(message), {**base_headers, "X-Replay-Status": "miss"})
 
-    exchange = Exchange(
-        cassette=cassette, key=key, route=route, method=request.method, query=query,
-        headers=headers, body=body, canonical=canonical, action=action, mode=mode,
-        fingerprint=policy, secrets=tuple(secret_values(headers)),
-    )
-    flight_name = f"{cassette}\x1f{key}" if action is Action.RECORD else f"pass\x1f{id(request)}"
-    flight = state.flights.join(flight_name, lambda flight: pump(state, exchange, flight))
-    return await _follow(state, request, flight, base_headers)
+def _joined_sequence(flight: Flight) -> bool:
+    """Whether the flight's answer is now part of its key's sequence (replayed or stored)."""
+    head = flight.head
+    return flight.error is None and head is not None and head.replay_status in ("hit", "recorded")
+
+
+async def _miss_error(state: ProxyState, miss: Miss, cassette: str, session: str,
+                      canonical: dict[str, Any], key: str, route: Route) -> ReplayMiss:
+    reason = miss.reason
+    match reason:
+        case NotRecorded():
+            candidates = [
+                (item.label, item.key, item.entry.request)
+                for item in await state.store.items(cassette) if item.entry is not None
+            ]
+            return ReplayMiss(explain_miss(cassette, canonical, key, candidates))
+        case FingerprintNotRecorded():
+            return ReplayMiss(explain_fingerprint(cassette, str(canonical.get("method")),
+                                                  route.route, key, reason),
+                              code="fingerprint_not_recorded")
+        case SequenceExhausted():
+            return ReplayMiss(explain_exhausted(cassette, route.route, key, session, reason),
+                              code="sequence_exhausted")
+        case _:
+            assert_never(reason)
 
 
 def _authorise(request: web.BaseRequest, token: str) -> None:
@@ -276,8 +334,14 @@ def _authorise(request: web.BaseRequest, token: str) -> None:
         )
 
 
-def _locate(request: web.BaseRequest, settings: Settings) -> tuple[str, Route, dict[str, str]]:
-    raw_path = request.rel_url.raw_path
+def _locate(request: web.BaseRequest, state: ProxyState
+            ) -> tuple[str, str, Route, dict[str, str]]:
+    """(cassette, session, route, query) of a request."""
+    settings = state.settings
+    session, raw_path = split_session_prefix(request.rel_url.raw_path)
+    if session is None:
+        header = request.headers.get(SESSION_HEADER)
+        session = validate_session_name(header) if header is not None else state.default_session
     cassette, api_path = split_cassette_prefix(raw_path)
     if cassette is None:
         header = request.headers.get(CASSETTE_HEADER)
@@ -293,7 +357,7 @@ def _locate(request: web.BaseRequest, settings: Settings) -> tuple[str, Route, d
             "http://HOST:PORT/v1 (or /c/<cassette>/v1).",
             status=404, code="unknown_url",
         )
-    return cassette, route, query
+    return cassette, session, route, query
 
 
 def _inject_seed(route: Route, body: bytes, seed: int | None) -> bytes:

@@ -24,9 +24,11 @@ from ..core.cassette import (
     now_iso,
 )
 from ..core.errors import UpstreamError
-from ..core.modes import Action, Mode
+from ..core.modes import Mode
+from ..core.plan import Forward, Replay, plan, stored_entry
 from ..core.providers import Route
 from ..core.scrub import scrub, scrub_text
+from ..core.settings import Settings
 from ..core.sse import EventSplitter, is_done
 from .flights import Flight, FlightCut, Head
 from .state import ProxyState
@@ -40,7 +42,9 @@ _LIVE_DROPPED = frozenset({
 
 @dataclass(frozen=True)
 class Exchange:
-    """A request ready to be forwarded, and where its answer would be stored."""
+    """A request ready to be forwarded, and how its answer is stored (`forward`, or None to
+    store nothing). The mode, fingerprint policy and occurrence are the plan's inputs, asked
+    again under the key's lock."""
 
     cassette: str
     key: str
@@ -50,9 +54,10 @@ class Exchange:
     headers: dict[str, str]
     body: bytes
     canonical: dict[str, Any]
-    action: Action
+    forward: Forward | None
     mode: Mode
-    fingerprint: str  # replay policy, for a recording another process made meanwhile
+    fingerprint: str
+    occurrence: int | None
     secrets: tuple[bytes, ...]
 
 
@@ -77,32 +82,53 @@ def stored_headers(upstream_headers: Any) -> dict[str, str]:
     }
 
 
+def replay_headers(settings: Settings, replay: Replay) -> dict[str, str]:
+    """The stored headers of a replayed answer, with where it stands: X-Replay-Fingerprint
+    for a generation key, X-Replay-Sequence for a sequenced one."""
+    headers = dict(replay.recording.headers)
+    if replay.position is None:
+        headers["X-Replay-Fingerprint"] = replay.fingerprint or ""
+        return headers
+    headers["X-Replay-Sequence"] = replay.position.header()
+    speed = settings.replay_timing.speed
+    if speed == 0:
+        # The SDK's polling helpers wait as long as this says (a second when it is absent):
+        # a replay has nothing to wait for.
+        headers["openai-poll-after-ms"] = "0"
+    elif "openai-poll-after-ms" in headers:
+        recorded = headers["openai-poll-after-ms"]
+        if recorded.isdigit():
+            headers["openai-poll-after-ms"] = str(int(int(recorded) / speed))
+    return headers
+
+
 async def pump(state: ProxyState, exchange: Exchange, flight: Flight) -> None:
     """Fill the flight: from the upstream, or, when another process sharing the store recorded
-    the key while this one waited for it, from that recording."""
-    if exchange.action is not Action.RECORD:  # passthrough: nothing to store
-        await _forward(state, exchange, flight, None)
+    the answer while this one waited for the key's lock, from that recording."""
+    if exchange.forward is None:  # passthrough: nothing to store
+        await _forward(state, exchange, flight, None, None)
         return
     async with state.store.lock(exchange.cassette, exchange.key):
         stored = await state.store.get(exchange.cassette, exchange.key, exchange.route.label)
-        selection = None
-        if stored is not None and exchange.mode is not Mode.REFRESH:  # refresh always forwards
-            selection = fingerprints.select(stored, exchange.fingerprint)
-        if stored is None or selection is None or selection.recording is None:
-            await _forward(state, exchange, flight, stored)
+        decision = plan(exchange.mode, stored, fingerprint=exchange.fingerprint,
+                        occurrence=exchange.occurrence, method=exchange.method)
+        if not isinstance(decision, Replay):
+            forward = decision if isinstance(decision, Forward) else exchange.forward
+            await _forward(state, exchange, flight, stored, forward)
             return
+    assert stored is not None
     state.remember(exchange.cassette, stored)
     state.count(exchange.cassette, "hits")
-    recording = selection.recording
+    recording = decision.recording
     for chunk in [event.raw for event in recording.events or ()] or [recording.body]:
         flight.push(chunk)
-    headers = {**recording.headers, "X-Replay-Fingerprint": selection.fingerprint or ""}
-    flight.start(Head(recording.status, headers, recording.is_stream, "hit"))
+    flight.start(Head(recording.status, replay_headers(state.settings, decision),
+                      recording.is_stream, "hit"))
     flight.finish()
 
 
 async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
-                   existing: Entry | None) -> None:
+                   existing: Entry | None, forward: Forward | None) -> None:
     """Forward upstream and tee the answer; clients get it before it is written to the store."""
     assert state.upstream is not None
     loop = asyncio.get_running_loop()
@@ -112,12 +138,14 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
     )
     state.count(exchange.cassette, "upstream_calls")
     async with response:
-        keep = exchange.action is Action.RECORD and storable(
-            response.status, state.settings.record_errors
-        )
+        keep = forward is not None and storable(response.status, state.settings.record_errors)
         replay_status = "recorded" if keep else "passthrough"
         content_type = response.headers.get("content-type", "")
         headers = live_headers(response.headers)
+        if keep and forward is not None and forward.position is not None:
+            # This answer joins the sequence as its next recording.
+            headers["X-Replay-Sequence"] = (f"{forward.position.occurrence}/"
+                                            f"{forward.position.recorded + 1}")
         if not content_type.startswith("text/event-stream"):
             try:
                 body = await response.read()
@@ -129,19 +157,20 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
                 ) from exc
             duration_ms = (loop.time() - started) * 1000
             recording = None
-            if keep and exchange.mode is Mode.REFRESH:  # its drift class goes out as a header
-                recording = classified(exchange, existing, body_recording(
+            if keep and forward is not None and forward.classify_drift:
+                # Refresh: the drift class goes out as a header, so it is decided first.
+                recording = classified(forward, existing, body_recording(
                     response.status, response.headers, body, exchange.secrets, duration_ms))
             flight.push(body)
             flight.start(Head(response.status, headers, False, replay_status,
                               recording.drift if recording else None))
             flight.finish()
-            if keep:
+            if keep and forward is not None:
                 await asyncio.sleep(0)  # the waiting clients send their answers first
                 if recording is None:
                     recording = body_recording(response.status, response.headers, body,
                                                exchange.secrets, duration_ms)
-                await commit(state, exchange, existing, recording)
+                await commit(state, exchange, existing, recording, forward)
             return
 
         flight.start(Head(response.status, headers, True, replay_status))
@@ -163,11 +192,12 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
         if remainder:
             events.append(SseEvent((loop.time() - started) * 1000, remainder))
         flight.finish()
-        if keep:
+        if keep and forward is not None:
             await asyncio.sleep(0)  # the waiting clients end their answers first
-            await commit(state, exchange, existing, classified(exchange, existing, stream_recording(
+            recording = classified(forward, existing, stream_recording(
                 response.status, response.headers, events, exchange.secrets,
-                (loop.time() - started) * 1000)))
+                (loop.time() - started) * 1000))
+            await commit(state, exchange, existing, recording, forward)
 
 
 def body_recording(status: int, headers: Any, body: bytes, secrets: tuple[bytes, ...],
@@ -189,29 +219,26 @@ def stream_recording(status: int, headers: Any, events: list[SseEvent],
                      recorded_at=now_iso(), duration_ms=duration_ms)
 
 
-def classified(exchange: Exchange, existing: Entry | None, recording: Recording) -> Recording:
-    """In refresh mode, the recording marked same or drift against the key's pinned one."""
-    if exchange.mode is not Mode.REFRESH or existing is None:
+def classified(forward: Forward, existing: Entry | None, recording: Recording) -> Recording:
+    """In refresh mode, the recording marked same or drift against what the key recorded."""
+    if not forward.classify_drift or existing is None:
         return recording
-    pinned = fingerprints.select(existing, fingerprints.PINNED).recording
-    return replace(recording, drift=fingerprints.classify(pinned, recording))
+    return replace(recording, drift=fingerprints.classify_against(existing, recording))
 
 
 async def commit(state: ProxyState, exchange: Exchange, existing: Entry | None,
-                 recording: Recording) -> None:
-    """Add the recording to its key (a new entry for a new key) and write it."""
-    if existing is None:
-        request = _scrubbed_request(exchange)
-        entry = Entry(exchange.key, exchange.route.label, request,
-                      extra={"path": exchange.route.upstream_path}).add(recording)
-    else:
-        entry = existing.add(recording)
+                 recording: Recording, forward: Forward) -> None:
+    """Store the answer as the plan said (a new entry for a new key) and write it."""
+    fresh = existing if existing is not None else Entry(
+        exchange.key, exchange.route.label, _scrubbed_request(exchange),
+        extra={"path": exchange.route.upstream_path})
+    entry = stored_entry(forward.storage, existing, fresh, recording, forward.position)
     await state.store.put(exchange.cassette, entry)
     state.remember(exchange.cassette, entry)
     state.used(exchange.cassette, exchange.key)
     state.count(exchange.cassette, "recorded")
     if recording.drift is not None:
-        state.count(exchange.cassette, recording.drift)
+        state.count(exchange.cassette, recording.drift.value)
 
 
 def _scrubbed_request(exchange: Exchange) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from ..core.settings import Settings
 from ..store import Store
 from .flights import SingleFlight
 from .upstream import Upstream
-from .usage import UsageLog
+from .usage import UsageLog, new_run_id
 
 _CACHE_LIMIT = 4096  # entries kept in memory; a bound on RSS, not on the store
 _HOT_LIMIT = 8192
@@ -47,6 +47,8 @@ class ProxyState:
     settings: Settings
     store: Store
     mode: Mode  # resolved: never AUTO
+    # The session of requests that name none: this run, shared by the workers of one `serve`.
+    default_session: str = field(default_factory=new_run_id)
     upstream: Upstream | None = None
     flights: SingleFlight = field(default_factory=SingleFlight)
     overrides: dict[str, CassetteOptions] = field(default_factory=dict)

@@ -51,4 +51,17 @@ class Store(Protocol):
         """Held while one process records a key, so others sharing the store wait for it."""
         ...
 
+    async def claim_occurrence(self, session: str, cassette: str, key: str) -> int:
+        """The next occurrence (1, 2, ...) of a sequenced key in a session, counted where every
+        process sharing the store sees it."""
+        ...
+
+    async def release_occurrence(self, session: str, cassette: str, key: str) -> None:
+        """Give back the latest claim of a request whose answer was not stored."""
+        ...
+
+    async def reset_session(self, session: str) -> None:
+        """Forget a session's counters: its next request of any key is the first again."""
+        ...
+
     async def close(self) -> None: ...

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..core.cassette import Entry, decode_entry, encode_entry
 from .base import StoredItem, stored_item
 from .locking import StripedLocks
+from .sequences import LocalSequences
 from .state_dir import STATE_DIR
 
 SLOW_WRITE_S = 0.005
@@ -38,6 +39,7 @@ class DirectoryStore:
         self.root = root
         self.description = f"directory {root}"
         self._folders: set[Path] = set()
+        self._sequences = LocalSequences(root / STATE_DIR / "sequences")
         self._locks = StripedLocks(root / STATE_DIR / "locks")
         self._write_cost = 0.0  # seconds: a moving average of the writes made on the loop
 
@@ -102,5 +104,15 @@ class DirectoryStore:
     def lock(self, cassette: str, key: str) -> AbstractAsyncContextManager[None]:
         return self._locks.hold(cassette, key)
 
+    async def claim_occurrence(self, session: str, cassette: str, key: str) -> int:
+        return await self._sequences.claim(session, cassette, key)
+
+    async def release_occurrence(self, session: str, cassette: str, key: str) -> None:
+        await self._sequences.release(session, cassette, key)
+
+    async def reset_session(self, session: str) -> None:
+        await self._sequences.reset(session)
+
     async def close(self) -> None:
+        self._sequences.close()
         self._locks.close()

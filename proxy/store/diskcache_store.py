@@ -9,31 +9,20 @@ from pathlib import Path
 import diskcache
 
 from ..core.cassette import Entry, decode_entry, encode_entry
-from ..core.errors import CassetteError
 from .base import StoredItem, stored_item
+from .diskcache_disk import NoPickleDisk
 from .locking import StripedLocks
+from .sequences import LocalSequences
 
 _SEPARATOR = "\x1f"
-
-
-class _BytesOnlyDisk(diskcache.Disk):  # type: ignore[misc]
-    """diskcache unpickles values stored as pickles; recordings are bytes, so a pickled value
-    can only be tampering, and is refused rather than run."""
-
-    def fetch(self, mode: int, filename: str, value: object, read: bool) -> object:
-        if mode == diskcache.core.MODE_PICKLE:
-            raise CassetteError(
-                "A value in this diskcache store is a pickle, which "
-                "replay-proxy never writes; refusing to load it. Delete the cache folder."
-            )
-        return super().fetch(mode, filename, value, read)
 
 
 class DiskcacheStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.description = f"diskcache:{path}"
-        self._cache = diskcache.Cache(str(path), disk=_BytesOnlyDisk)
+        self._cache = diskcache.Cache(str(path), disk=NoPickleDisk)
+        self._sequences = LocalSequences(path / "sequences")
         self._locks = StripedLocks(path / "locks")
 
     def _name(self, cassette: str, key: str) -> str:
@@ -72,6 +61,16 @@ class DiskcacheStore:
     def lock(self, cassette: str, key: str) -> AbstractAsyncContextManager[None]:
         return self._locks.hold(cassette, key)
 
+    async def claim_occurrence(self, session: str, cassette: str, key: str) -> int:
+        return await self._sequences.claim(session, cassette, key)
+
+    async def release_occurrence(self, session: str, cassette: str, key: str) -> None:
+        await self._sequences.release(session, cassette, key)
+
+    async def reset_session(self, session: str) -> None:
+        await self._sequences.reset(session)
+
     async def close(self) -> None:
+        self._sequences.close()
         self._locks.close()
         self._cache.close()

@@ -5,6 +5,10 @@ file), `<prefix>:{<cassette>}:index` the set of the cassette's keys, `<prefix>:c
 set of cassette names. The cassette sits in braces, a Redis Cluster hash tag, so one cassette's
 keys live in one slot. `redis://host:port/db?ttl=SECONDS&prefix=NAME` sets an expiry on entries
 and the key prefix (default `replay`).
+
+Sequence counters: `<prefix>:{<cassette>}:seq:<session>` is a hash of key -> occurrences claimed
+(in the cassette's slot, so one command touches one slot), and `<prefix>:session:<session>` the
+set of cassettes a session counted in, so a reset finds them. Both expire a day after last use.
 """
 
 from __future__ import annotations
@@ -31,7 +35,12 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 _EXTEND = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
            "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0")
+# Give back a claim without going below zero.
+_RELEASE_CLAIM = ("local v = redis.call('hget', KEYS[1], ARGV[1]) "
+                  "if v and tonumber(v) > 0 then return redis.call('hincrby', KEYS[1], ARGV[1], -1) "
+                  "end return 0")
 LOCK_MS = 30_000
+SESSION_TTL_S = 24 * 3600
 
 
 def _split_url(url: str) -> tuple[str, int | None, str]:
@@ -117,6 +126,31 @@ class RedisStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await renewal
             await self._client.eval(_RELEASE, 1, name, token)
+
+    def _sequence_key(self, session: str, cassette: str) -> str:
+        return f"{self.prefix}:{{{cassette}}}:seq:{session}"
+
+    def _session_key(self, session: str) -> str:
+        return f"{self.prefix}:session:{session}"
+
+    async def claim_occurrence(self, session: str, cassette: str, key: str) -> int:
+        counters, cassettes = self._sequence_key(session, cassette), self._session_key(session)
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.hincrby(counters, key, 1)
+            pipe.expire(counters, SESSION_TTL_S)
+            pipe.sadd(cassettes, cassette)
+            pipe.expire(cassettes, SESSION_TTL_S)
+            claimed, *_ = await pipe.execute()
+        return int(claimed)
+
+    async def release_occurrence(self, session: str, cassette: str, key: str) -> None:
+        await self._client.eval(_RELEASE_CLAIM, 1, self._sequence_key(session, cassette), key)
+
+    async def reset_session(self, session: str) -> None:
+        cassettes = await self._client.smembers(self._session_key(session))
+        for cassette in cassettes:
+            await self._client.delete(self._sequence_key(session, cassette.decode()))
+        await self._client.delete(self._session_key(session))
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -13,7 +13,8 @@ import aiohttp
 import orjson
 
 from ..core import fingerprints
-from ..core.cassette import Entry, Recording, SseEvent
+from ..core.cassette import Drift, Entry, Recording, SseEvent
+from ..core.routes import RouteClass, route_class
 from ..core.sse import EventSplitter
 from ..server.recorder import body_recording, stream_recording
 
@@ -100,6 +101,11 @@ async def verify(items: Sequence[tuple[str, Entry]], upstreams: Upstreams,
     async with aiohttp.ClientSession(timeout=timeout) as session:
         async def one(cassette: str, entry: Entry) -> Verdict:
             route = str(entry.request.get("route"))
+            if entry.sequence or route_class(str(entry.request.get("method")), route,
+                                             entry.request.get("body")) is RouteClass.STATEFUL:
+                return Verdict(cassette, entry.key, route, "skipped",
+                               "a stateful key: re-sending it would create or change a resource "
+                               "upstream")
             request = rebuild(entry, upstreams)
             if isinstance(request, str):
                 return Verdict(cassette, entry.key, route, "skipped", request)
@@ -108,13 +114,13 @@ async def verify(items: Sequence[tuple[str, Entry]], upstreams: Upstreams,
                     fresh = await fetch(session, *request)
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     return Verdict(cassette, entry.key, route, "error", str(exc) or repr(exc))
-            pinned = fingerprints.select(entry, fingerprints.PINNED).recording
-            result = fingerprints.classify(pinned, fresh)
+            before = fingerprints.baseline(entry, fresh.system_fingerprint)
+            result = fingerprints.classify(before, fresh)
             detail = ""
-            if result != fingerprints.SAME and pinned is not None:
-                detail = fingerprints.word_diff(fingerprints.answer_text(pinned),
+            if result is not Drift.SAME and before is not None:
+                detail = fingerprints.word_diff(fingerprints.answer_text(before),
                                                 fingerprints.answer_text(fresh))
-            return Verdict(cassette, entry.key, route, result, detail, fresh)
+            return Verdict(cassette, entry.key, route, result.value, detail, fresh)
 
         return list(await asyncio.gather(*(one(c, e) for c, e in items)))
 

@@ -16,13 +16,14 @@ import orjson
 from aiohttp import web
 
 from ..core.canonical import KeyPolicy
-from ..core.cassette import Entry, encode_entry
+from ..core.cassette import Drift, Entry, encode_entry
 from ..core.errors import ProxyError
 from ..core.modes import Mode, resolve_mode
 from ..core.providers import validate_cassette_name
+from ..core.routes import SequencePolicy
 from ..core.settings import DEFAULT_MAX_BODY, DEFAULT_PORT, OPENAI_UPSTREAM, ReplayTiming, Settings
 from ..server import serving
-from ..server.usage import last_used, read_runs, read_usage, used_since
+from ..server.usage import last_used, new_run_id, read_runs, read_usage, used_since
 from ..store import StoredItem, open_store
 from ..store.state_dir import state_dir
 from .audit import Upstreams, Verdict
@@ -100,13 +101,18 @@ def _timing(_ctx: click.Context, _param: click.Parameter, value: str) -> ReplayT
               help="Processes serving the same port (SO_REUSEPORT), sharing the store.")
 @click.option("--loop", "loop_choice", type=click.Choice(serving.LOOPS), default="auto",
               show_default=True, help="Event loop: auto takes uvloop when it is installed.")
+@click.option("--sequence", type=click.Choice([policy.value for policy in SequencePolicy]),
+              default=SequencePolicy.STATEFUL.value, show_default=True,
+              help="Which keys replay their recordings in order (the n-th identical request gets "
+                   "the n-th answer): stateful routes (files, batches, polls, ...), all routes, "
+                   "or none.")
 def serve(host: str, port: int, mode: str, cassettes: Path, default_cassette: str,
           openai_upstream: str, azure_upstream: str | None, store: str | None,
           record_errors: bool, ignore_field: tuple[str, ...], match_field: tuple[str, ...],
           match_header: tuple[str, ...], max_body: int, fingerprint: str,
           replay_timing: ReplayTiming, inject_seed: int | None, openai_api_key: str | None,
           azure_api_key: str | None, auth_token: str | None, upstream_timeout: float,
-          workers: int, loop_choice: str) -> None:
+          workers: int, loop_choice: str, sequence: str) -> None:
     """Run the proxy."""
 
     if not _is_loopback(host) and not auth_token:
@@ -126,6 +132,7 @@ def serve(host: str, port: int, mode: str, cassettes: Path, default_cassette: st
         record_errors=record_errors, key_policy=policy, max_body=max_body,
         fingerprint=fingerprint, replay_timing=replay_timing, inject_seed=inject_seed,
         upstream_timeout=upstream_timeout, auth_token=auth_token,
+        sequence=SequencePolicy(sequence), run_id=new_run_id(),
     )
     try:
         asyncio.run(open_store(settings.store_spec).close())  # a bad --store fails here, clearly
@@ -351,7 +358,7 @@ async def _store_drift(spec: str | Path, entries: dict[tuple[str, str], Entry],
             assert verdict.recording is not None
             entry = entries[(verdict.cassette, verdict.key)]
             await backend.put(verdict.cassette,
-                              entry.add(replace(verdict.recording, drift=verdict.result)))
+                              entry.add(replace(verdict.recording, drift=Drift(verdict.result))))
     finally:
         await backend.close()
 

@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ..core.modes import Mode, resolve_mode
+from ..core.routes import SequencePolicy
 from ..core.settings import OPENAI_UPSTREAM, Settings
 from ..server.state import CassetteOptions
 from .testing import ProxyThread
 
 MODES = [mode.value for mode in Mode]
+SEQUENCES = [policy.value for policy in SequencePolicy]
 _PROXY_KEY = pytest.StashKey["ProxyThread"]()
 _SESSION_KEY = pytest.StashKey["ReplaySession"]()
 _TOTALS_KEY = pytest.StashKey[Counter[str]]()
@@ -39,6 +42,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         ("cassettes", "", "cassette folder (default: <rootdir>/cassettes)"),
         ("openai_upstream", OPENAI_UPSTREAM, "OpenAI upstream base URL"),
         ("azure_upstream", "", "Azure OpenAI endpoint (default: $AZURE_OPENAI_ENDPOINT)"),
+        ("sequence", "stateful", "which keys replay in order: stateful (default), all, or none"),
     ]
     for name, default, help_text in options:
         flag = "--replay-" + name.replace("_", "-")
@@ -60,6 +64,10 @@ def pytest_configure(config: pytest.Config) -> None:
     mode = _option(config, "mode")
     if mode not in MODES:
         raise pytest.UsageError(f"--replay-mode {mode!r}: choose one of {', '.join(MODES)}")
+    sequence = _option(config, "sequence")
+    if sequence not in SEQUENCES:
+        raise pytest.UsageError(f"--replay-sequence {sequence!r}: choose one of "
+                                f"{', '.join(SEQUENCES)}")
     config.stash[_TOTALS_KEY] = Counter()
 
 
@@ -71,6 +79,7 @@ def _settings(config: pytest.Config) -> Settings:
         openai_upstream=_option(config, "openai_upstream"), azure_upstream=azure,
         openai_api_key=os.environ.get("OPENAI_API_KEY"),
         azure_api_key=os.environ.get("AZURE_OPENAI_API_KEY"),
+        sequence=SequencePolicy(_option(config, "sequence")),
     )
 
 
@@ -99,10 +108,13 @@ class ReplaySession:
     cassette: str
     mode: Mode
     _before: Counter[str]
+    # Each test is a session of its own: a sequence (a create, then polls) starts at its first
+    # recording in every test, whatever ran before.
+    session: str = field(default_factory=lambda: "test-" + uuid.uuid4().hex[:16])
 
     @property
     def url(self) -> str:
-        return f"{self.proxy.url}/c/{self.cassette}"
+        return f"{self.proxy.url}/s/{self.session}/c/{self.cassette}"
 
     @property
     def base_url(self) -> str:

@@ -8,10 +8,10 @@ from typing import Any
 import orjson
 
 from ..core import fingerprints
-from ..core.cassette import Entry
+from ..core.cassette import Drift, Entry
 from ..store import StoredItem
 
-DRIFTS = (fingerprints.DRIFT_FINGERPRINT, fingerprints.DRIFT_OUTPUT)
+DRIFTS = (Drift.FINGERPRINT, Drift.OUTPUT)
 
 
 def ls_row(item: StoredItem, last_used: Mapping[tuple[str, str], str]) -> dict[str, Any]:

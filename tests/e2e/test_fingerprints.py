@@ -92,8 +92,9 @@ def test_ls_show_and_pin(drifted: dict[str, str], cassettes: Path,
     rows = orjson.loads(runner.invoke(main, ["ls", "--cassettes", str(cassettes), "--json"]).output)
     assert len(rows) == 1
     row = rows[0]
+    # The refresh that got the same answer noted it on the recording instead of storing a copy.
     assert (row["model"], row["seed"], row["recordings"], row["fingerprints"]) == \
-        ("gpt-4o-mini", 11, 4, ["fp_a", "fp_b"])
+        ("gpt-4o-mini", 11, 3, ["fp_a", "fp_b"])
     assert row["last_used"] is not None and row["size"] > 0
     shown = runner.invoke(main, ["show", row["key"][:8], "--cassettes", str(cassettes)])
     assert shown.exit_code == 0 and "Describe the sea." in shown.output
@@ -226,3 +227,28 @@ def test_usage_log_ignores_itself_in_git(make_proxy: ProxyFactory, cassettes: Pa
                             cwd=cassettes, capture_output=True, text=True, check=True).stdout
     assert "default/chat.completions-" in status
     assert ".replay-proxy" not in status
+
+
+def test_refresh_counts_a_same_answer_once_and_notes_when(drifted: dict[str, str],
+                                                          cassettes: Path) -> None:
+    [path] = [p for p in cassettes.rglob("*.json") if ".replay-proxy" not in p.parts]
+    document = orjson.loads(path.read_bytes())
+    first, *others = document["recordings"]
+    assert first["verified_at"] >= first["recorded_at"]
+    assert [r.get("drift") for r in others] == ["drift:fingerprint", "drift:output"]
+    assert all("verified_at" not in r for r in others)
+
+
+def test_new_text_under_a_newer_unpinned_fingerprint_is_output_drift(
+        make_proxy: ProxyFactory, simulator: SimulatorThread) -> None:
+    """Pinned fp_a; a refresh stores fp_b; fp_b then answers differently: output drift, the
+    event the seed documentation warns about, not another fingerprint change."""
+    simulator.state.fingerprint = "fp_a"
+    with make_proxy(Mode.RECORD) as proxy:
+        _post(proxy.url)
+    with make_proxy(Mode.REFRESH) as proxy:
+        simulator.state.fingerprint = "fp_b"
+        assert _post(proxy.url).headers["x-replay-drift"] == "drift:fingerprint"
+        assert _post(proxy.url).headers["x-replay-drift"] == "same"
+        simulator.state.variance = 1
+        assert _post(proxy.url).headers["x-replay-drift"] == "drift:output"
