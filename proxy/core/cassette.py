@@ -298,6 +298,19 @@ def _describe(parsed: dict[str, Any]) -> tuple[str | None, str | None, dict[str,
     return fingerprint, model, usage
 
 
+def resource_status(recording: Recording) -> str | None:
+    """The `status` field of the resource an answer describes (`in_progress`, `completed`, ...),
+    which is what moves along a recorded sequence of polls."""
+    if recording.events is not None or not recording.body.startswith(b"{"):
+        return None
+    try:
+        parsed = orjson.loads(recording.body)
+    except orjson.JSONDecodeError:
+        return None
+    status = parsed.get("status") if isinstance(parsed, dict) else None
+    return status if isinstance(status, str) else None
+
+
 def describe_events(events: tuple[SseEvent, ...]) -> tuple[str | None, str | None,
                                                             dict[str, Any] | None]:
     """The first non-empty fingerprint and model, and the last usage, across stream events."""

@@ -164,7 +164,8 @@ async def _internal(state: ProxyState, request: web.BaseRequest) -> web.Response
     if route == ("GET", "/_replay/health"):
         payload: object = {"status": "ok", "mode": state.mode.value,
                            "store": state.store.description,
-                           "loop": loop_name(asyncio.get_running_loop())}
+                           "loop": loop_name(asyncio.get_running_loop()),
+                           "pid": os.getpid(), "session": state.default_session}
     elif route == ("GET", "/_replay/stats"):
         payload = state.snapshot()
     elif route == ("POST", "/_replay/reset"):

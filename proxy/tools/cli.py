@@ -29,7 +29,7 @@ from ..store.state_dir import state_dir
 from .audit import Upstreams, Verdict
 from .audit import probe as probe_upstream
 from .audit import verify as verify_entries
-from .report import DRIFTS, drift_rows, ls_row, show_text, table, totals
+from .report import DRIFTS, collapse, drift_rows, ls_row, show_text, table, totals
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -281,8 +281,11 @@ def list_keys(cassettes: Path, store: str | None, cassette: str | None, as_json:
         return
     for row in rows:
         row["key"] = row["key"][:12]
+        if row.get("sequence"):
+            row["sequence"] = collapse(row["sequence"])
     click.echo(table(rows, ["cassette", "key", "route", "model", "seed", "temperature",
-                            "fingerprints", "recordings", "last_used", "size", "error"]))
+                            "fingerprints", "recordings", "sequence", "last_used", "size",
+                            "error"]))
 
 
 @main.command()

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from ..core import fingerprints
-from ..core.cassette import Drift, Entry
+from ..core.cassette import Drift, Entry, Recording, resource_status
 from ..store import StoredItem
 
 DRIFTS = (Drift.FINGERPRINT, Drift.OUTPUT)
@@ -32,7 +32,26 @@ def ls_row(item: StoredItem, last_used: Mapping[tuple[str, str], str]) -> dict[s
         "fingerprints": entry.fingerprints(),
         "pinned": entry.pinned_fingerprint,
         "recordings": len(entry.recordings),
+        "sequence": [_sequence_step(recording) for recording in entry.recordings]
+        if entry.sequence else None,
     }
+
+
+def _sequence_step(recording: Recording) -> str:
+    """One answer of a sequence in a few characters: its status, and the resource's."""
+    status = resource_status(recording)
+    return f"{recording.status}" + (f":{status}" if status else "")
+
+
+def collapse(steps: list[str]) -> list[str]:
+    """`a, b, b, b, c` -> `a, b x3, c`: a poll loop reads as its states."""
+    runs: list[tuple[str, int]] = []
+    for step in steps:
+        if runs and runs[-1][0] == step:
+            runs[-1] = (step, runs[-1][1] + 1)
+        else:
+            runs.append((step, 1))
+    return [step if count == 1 else f"{step} x{count}" for step, count in runs]
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -79,12 +98,22 @@ def show_text(cassette: str, entry: Entry) -> str:
              f"pinned    {entry.pinned_fingerprint}", "request:",
              orjson.dumps(entry.request, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
              .decode()]
+    if entry.sequence:
+        lines.append(f"sequence  {len(entry.recordings)} answers, replayed in order (the n-th "
+                     "identical request of a session gets the n-th)")
     for index, recording in enumerate(entry.recordings):
         kind = f"stream of {len(recording.events)} events" if recording.events is not None \
             else f"{len(recording.body)} bytes"
+        if entry.sequence:
+            status = resource_status(recording)
+            lines.append(f"occurrence {index + 1}: status {recording.status}"
+                         + (f", resource {status}" if status else "")
+                         + f", {kind}, recorded {recording.recorded_at}")
+            continue
         lines.append(f"recording {index}: status {recording.status}, {kind}, fingerprint "
                      f"{recording.system_fingerprint}, recorded {recording.recorded_at}"
-                     + (f", {recording.drift}" if recording.drift else ""))
+                     + (f", {recording.drift}" if recording.drift else "")
+                     + (f", verified {recording.verified_at}" if recording.verified_at else ""))
         text = fingerprints.answer_text(recording)
         if text:
             lines.append(f"  answer: {text if len(text) < 400 else text[:400] + '...'}")
