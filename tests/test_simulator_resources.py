@@ -139,3 +139,45 @@ def test_cancel_background_response(client: OpenAI) -> None:
     with pytest.raises(BadRequestError) as raised:
         client.responses.cancel(finished.id)
     assert "completed" in str(_error(raised)["message"])
+
+
+# Files.
+
+def test_file_upload_list_retrieve_content_delete(client: OpenAI,
+                                                  simulator: SimulatorThread) -> None:
+    content = b'{"prompt": "a"}\n{"prompt": "b"}\n'
+    uploaded = client.files.create(file=("train.jsonl", content), purpose="fine-tune")
+    assert uploaded.id.startswith("file-") and len(uploaded.id) == len("file-") + 22
+    assert (uploaded.filename, uploaded.bytes, uploaded.purpose, uploaded.status) == \
+        ("train.jsonl", len(content), "fine-tune", "processed")
+    other = client.files.create(file=("notes.txt", b"notes"), purpose="assistants")
+    assert [f.id for f in client.files.list()] == [other.id, uploaded.id]
+    assert [f.id for f in client.files.list(purpose="fine-tune")] == [uploaded.id]
+    assert client.files.retrieve(uploaded.id) == uploaded
+    assert client.files.content(uploaded.id).content == content
+    deleted = client.files.delete(uploaded.id)
+    assert (deleted.id, deleted.deleted) == (uploaded.id, True)
+    with pytest.raises(NotFoundError) as raised:
+        client.files.retrieve(uploaded.id)
+    assert _error(raised) == {"message": f"No such File object: {uploaded.id}",
+                              "type": "invalid_request_error", "param": "id", "code": None}
+    assert simulator.state.calls_by_route["files"] == 4
+    assert simulator.state.calls_by_endpoint["GET files/{file_id}"] == 2
+    assert simulator.state.calls_by_endpoint["DELETE files/{file_id}"] == 1
+
+
+def test_file_upload_refuses_an_unknown_purpose(client: OpenAI) -> None:
+    with pytest.raises(BadRequestError) as raised:
+        client.files.create(file=("a.txt", b"a"), purpose="nonsense")
+    assert _error(raised)["param"] == "purpose"
+
+
+def test_files_past_the_byte_budget_drop_the_oldest(client: OpenAI,
+                                                    simulator: SimulatorThread) -> None:
+    simulator.state.file_bytes_limit = 100
+    ids = [client.files.create(file=(f"{n}.bin", bytes(40)), purpose="user_data").id
+           for n in range(3)]
+    assert [f.id for f in client.files.list()] == [ids[2], ids[1]]
+    assert simulator.state.resources.counts()["file_bytes"] == 80
+    with pytest.raises(NotFoundError):
+        client.files.content(ids[0])

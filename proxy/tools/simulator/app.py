@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import generation, responses
+from . import files, generation, responses
 from .state import SIM_STATE, SimulatorState
 from .wire import ApiError, Call, Endpoint, azure_error, openai_error
 
@@ -69,7 +69,7 @@ class _Routes:
         return None
 
 
-_ROUTES = _Routes((*generation.ENDPOINTS, *responses.ENDPOINTS))
+_ROUTES = _Routes((*generation.ENDPOINTS, *responses.ENDPOINTS, *files.ENDPOINTS))
 
 
 def _split(path: str) -> tuple[str, str, str | None, bool] | None:
