@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import httpx2
+import orjson
 import pytest
 from openai import AzureOpenAI, BadRequestError, NotFoundError, OpenAI
 from replay_proxy.tools.simulator.lifecycle import Lifecycle, Progress
@@ -181,3 +183,162 @@ def test_files_past_the_byte_budget_drop_the_oldest(client: OpenAI,
     assert simulator.state.resources.counts()["file_bytes"] == 80
     with pytest.raises(NotFoundError):
         client.files.content(ids[0])
+
+
+# Batches.
+
+def _chat_line(custom_id: str, content: str, url: str = "/v1/chat/completions",
+               model: str = "gpt-4o-mini") -> dict[str, object]:
+    return {"custom_id": custom_id, "method": "POST", "url": url,
+            "body": {"model": model, "messages": [{"role": "user", "content": content}],
+                     "seed": 7}}
+
+
+def _jsonl(lines: list[dict[str, object]]) -> bytes:
+    return b"".join(orjson.dumps(line) + b"\n" for line in lines)
+
+
+def test_batch_runs_each_line_as_a_direct_call_would_be_answered(
+        client: OpenAI, simulator: SimulatorThread) -> None:
+    lines = [_chat_line("first", "Hello"), _chat_line("second", "Goodbye"),
+             _chat_line("third", "Hello again")]
+    input_file = client.files.create(file=("requests.jsonl", _jsonl(lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=input_file.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h", metadata={"suite": "nightly"})
+    assert batch.id.startswith("batch_")
+    assert (batch.status, batch.output_file_id, batch.metadata) == \
+        ("validating", None, {"suite": "nightly"})
+    assert batch.request_counts is not None and batch.request_counts.total == 0
+    seen = [client.batches.retrieve(batch.id) for _ in range(3)]
+    assert [b.status for b in seen] == ["in_progress", "finalizing", "completed"]
+    in_progress, _, done = seen
+    assert in_progress.request_counts is not None
+    assert (in_progress.request_counts.total, in_progress.request_counts.completed) == (3, 0)
+    assert in_progress.in_progress_at is not None and in_progress.completed_at is None
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed,
+            done.request_counts.failed) == (3, 3, 0)
+    assert done.output_file_id is not None and done.error_file_id is None
+    assert done.completed_at is not None and done.finalizing_at is not None
+    output = client.files.retrieve(done.output_file_id)
+    assert (output.purpose, output.filename) == ("batch_output", f"{batch.id}_output.jsonl")
+    results = [orjson.loads(line)
+               for line in client.files.content(done.output_file_id).content.splitlines()]
+    assert [result["custom_id"] for result in results] == ["first", "second", "third"]
+    for line, result in zip(lines, results, strict=True):
+        direct = client.chat.completions.create(**line["body"])
+        assert result["response"]["status_code"] == 200 and result["error"] is None
+        assert result["id"].startswith("batch_req_")
+        body = result["response"]["body"]
+        assert body["object"] == "chat.completion"
+        assert body["choices"][0]["message"]["content"] == direct.choices[0].message.content
+    assert done.usage is not None
+    assert done.usage.output_tokens == sum(
+        r["response"]["body"]["usage"]["completion_tokens"] for r in results)
+    assert [b.id for b in client.batches.list()] == [batch.id]
+    assert simulator.state.calls_by_route["batches/{batch_id}"] == 3
+    assert simulator.state.calls_by_endpoint["POST batches"] == 1
+
+
+def test_azure_files_and_batch_on_the_azure_layout(azure: AzureOpenAI,
+                                                   simulator: SimulatorThread) -> None:
+    lines = [_chat_line("only", "Hello", url="/chat/completions", model="my-deployment")]
+    input_file = azure.files.create(file=("requests.jsonl", _jsonl(lines)), purpose="batch")
+    batch = azure.batches.create(input_file_id=input_file.id,
+                                 endpoint="/chat/completions",
+                                 completion_window="24h")
+    assert [azure.batches.retrieve(batch.id).status for _ in range(3)] == \
+        ["in_progress", "finalizing", "completed"]
+    done = azure.batches.retrieve(batch.id)
+    assert done.output_file_id is not None
+    result = orjson.loads(azure.files.content(done.output_file_id).content)
+    direct = azure.chat.completions.create(**lines[0]["body"])
+    body = result["response"]["body"]
+    assert body["choices"][0]["message"]["content"] == direct.choices[0].message.content
+    assert "content_filter_results" in body["choices"][0]  # answered as Azure answers
+    assert simulator.state.last_headers["api-key"] == "azure-key"
+    paths = simulator.state.calls_by_endpoint
+    assert paths["POST files"] == 1 and paths["GET batches/{batch_id}"] == 4
+
+
+def test_azure_resource_routes_need_an_api_version(simulator: SimulatorThread) -> None:
+    headers = {"api-key": "azure-key"}
+    missing = httpx2.get(simulator.url + "/openai/batches", headers=headers)
+    assert missing.status_code == 400
+    assert missing.json()["error"]["code"] == "MissingApiVersionParameter"
+    listed = httpx2.get(simulator.url + "/openai/batches", headers=headers,
+                        params={"api-version": AZURE_VERSION})
+    assert listed.status_code == 200 and listed.json()["data"] == []
+    assert httpx2.get(simulator.url + "/openai/v1/batches", headers=headers).status_code == 200
+    under_deployment = httpx2.get(simulator.url + "/openai/deployments/d/batches",
+                                  headers=headers, params={"api-version": AZURE_VERSION})
+    assert under_deployment.status_code == 404
+
+
+def test_batch_lines_a_generator_refuses_go_to_the_error_file(client: OpenAI) -> None:
+    good = _chat_line("good", "Hello")
+    bad = {"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions",
+           "body": {"model": "gpt-4o-mini", "messages": []}}
+    input_file = client.files.create(file=("r.jsonl", _jsonl([good, bad])), purpose="batch")
+    simulator_batch = client.batches.create(input_file_id=input_file.id,
+                                            endpoint="/v1/chat/completions",
+                                            completion_window="24h")
+    for _ in range(3):
+        done = client.batches.retrieve(simulator_batch.id)
+    assert done.status == "completed" and done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (1, 1)
+    assert done.output_file_id is not None and done.error_file_id is not None
+    refused = orjson.loads(client.files.content(done.error_file_id).content)
+    assert refused["custom_id"] == "bad"
+    assert refused["response"]["status_code"] == 400
+    assert refused["response"]["body"]["error"]["code"] == "missing_required_parameter"
+
+
+def test_batch_with_malformed_lines_fails_naming_them(client: OpenAI) -> None:
+    content = _jsonl([_chat_line("a", "x"), _chat_line("a", "y"),
+                      _chat_line("b", "z", url="/v1/embeddings")]) + b"{not json\n"
+    input_file = client.files.create(file=("r.jsonl", content), purpose="batch")
+    batch = client.batches.create(input_file_id=input_file.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    assert batch.status == "validating"
+    failed = client.batches.retrieve(batch.id)
+    assert failed.status == "failed" and failed.failed_at is not None
+    assert failed.errors is not None and failed.errors.data is not None
+    assert [(e.line, e.code) for e in failed.errors.data] == \
+        [(2, "duplicate_custom_id"), (3, "mismatched_url"), (4, "invalid_json_line")]
+    assert failed.output_file_id is None
+    assert client.batches.retrieve(batch.id).status == "failed"
+
+
+def test_batch_refuses_a_missing_or_wrong_input_file(client: OpenAI) -> None:
+    with pytest.raises(NotFoundError) as raised:
+        client.batches.create(input_file_id="file-doesnotexist", endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    assert _error(raised)["param"] == "input_file_id"
+    not_for_batches = client.files.create(file=("a.jsonl", b"{}\n"), purpose="user_data")
+    with pytest.raises(BadRequestError):
+        client.batches.create(input_file_id=not_for_batches.id,
+                              endpoint="/v1/chat/completions", completion_window="24h")
+    with pytest.raises(NotFoundError) as unknown:
+        client.batches.retrieve("batch_doesnotexist")
+    assert _error(unknown)["message"] == "No batch found with id 'batch_doesnotexist'."
+
+
+def test_cancelled_batch_passes_through_cancelling(client: OpenAI) -> None:
+    input_file = client.files.create(file=("r.jsonl", _jsonl([_chat_line("a", "x")])),
+                                     purpose="batch")
+    batch = client.batches.create(input_file_id=input_file.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    assert client.batches.retrieve(batch.id).status == "in_progress"
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status == "cancelling" and cancelling.cancelling_at is not None
+    cancelled = client.batches.retrieve(batch.id)
+    assert cancelled.status == "cancelled" and cancelled.cancelled_at is not None
+    assert cancelled.output_file_id is None
+    assert client.batches.retrieve(batch.id).status == "cancelled"
+    finished = client.batches.create(input_file_id=input_file.id,
+                                     endpoint="/v1/chat/completions", completion_window="24h")
+    for _ in range(3):
+        client.batches.retrieve(finished.id)
+    with pytest.raises(BadRequestError):
+        client.batches.cancel(finished.id)

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import files, generation, responses
+from . import batches, files, generation, responses
 from .state import SIM_STATE, SimulatorState
 from .wire import ApiError, Call, Endpoint, azure_error, openai_error
 
@@ -69,7 +69,8 @@ class _Routes:
         return None
 
 
-_ROUTES = _Routes((*generation.ENDPOINTS, *responses.ENDPOINTS, *files.ENDPOINTS))
+_ROUTES = _Routes((*generation.ENDPOINTS, *responses.ENDPOINTS, *files.ENDPOINTS,
+                   *batches.ENDPOINTS))
 
 
 def _split(path: str) -> tuple[str, str, str | None, bool] | None:

@@ -101,6 +101,9 @@ class BatchRecord:
     pending_input: bytes | None
     model: str | None = None
     errors: list[dict[str, Any]] | None = None
+    # The answers, computed when the batch starts finalizing and filed once it completes.
+    output_lines: list[bytes] | None = None
+    error_lines: list[bytes] | None = None
     output_file_id: str | None = None
     error_file_id: str | None = None
     completed: int = 0
