@@ -6,7 +6,8 @@ next finishes it), so each test can assert the exact sequence a polling client s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import httpx2
 import orjson
@@ -342,3 +343,134 @@ def test_cancelled_batch_passes_through_cancelling(client: OpenAI) -> None:
         client.batches.retrieve(finished.id)
     with pytest.raises(BadRequestError):
         client.batches.cancel(finished.id)
+
+
+# Vector stores, their files and file batches.
+
+def _upload(client: OpenAI, name: str, content: bytes = b"Otters hold hands while asleep.\n"
+            ) -> str:
+    return client.files.create(file=(name, content), purpose="assistants").id
+
+
+def test_vector_store_with_files_completes_and_counts_them(client: OpenAI,
+                                                           simulator: SimulatorThread) -> None:
+    file_ids = [_upload(client, "a.txt", b"aaaa"), _upload(client, "b.txt", b"bbbbbb")]
+    raw = client.vector_stores.with_raw_response.create(name="notes", file_ids=file_ids)
+    created = raw.parse()
+    assert raw.headers["openai-poll-after-ms"] == "50"
+    assert created.id.startswith("vs_") and created.name == "notes"
+    assert created.status == "in_progress" and created.usage_bytes == 0
+    assert (created.file_counts.in_progress, created.file_counts.total) == (2, 2)
+    seen = [client.vector_stores.with_raw_response.retrieve(created.id) for _ in range(3)]
+    assert [r.parse().status for r in seen] == ["in_progress", "in_progress", "completed"]
+    assert "openai-poll-after-ms" not in seen[-1].headers
+    done = seen[-1].parse()
+    assert (done.file_counts.completed, done.file_counts.in_progress, done.usage_bytes) == \
+        (2, 0, 10)
+    assert sorted(f.id for f in client.vector_stores.files.list(created.id)) == sorted(file_ids)
+    empty = client.vector_stores.with_raw_response.create(name="empty")
+    assert empty.parse().status == "completed" and empty.parse().file_counts.total == 0
+    assert "openai-poll-after-ms" not in empty.headers
+    assert [s.id for s in client.vector_stores.list()] == [empty.parse().id, created.id]
+    assert client.vector_stores.delete(created.id).deleted is True
+    with pytest.raises(NotFoundError) as raised:
+        client.vector_stores.retrieve(created.id)
+    assert _error(raised)["message"] == f"No vector store found with id '{created.id}'."
+    assert simulator.state.calls_by_route["vector_stores/{vector_store_id}"] == 5
+
+
+def test_vector_store_file_moves_in_progress_to_completed(client: OpenAI) -> None:
+    store = client.vector_stores.create(name="one")
+    file_id = _upload(client, "c.txt", b"cccc")
+    raw = client.vector_stores.files.with_raw_response.create(
+        vector_store_id=store.id, file_id=file_id, attributes={"topic": "otters"})
+    attached = raw.parse()
+    assert raw.headers["openai-poll-after-ms"] == "50"
+    assert (attached.id, attached.status, attached.vector_store_id) == \
+        (file_id, "in_progress", store.id)
+    assert attached.attributes == {"topic": "otters"}
+    assert attached.chunking_strategy is not None and attached.chunking_strategy.type == "static"
+    statuses = [client.vector_stores.files.retrieve(file_id, vector_store_id=store.id).status
+                for _ in range(3)]
+    assert statuses == ["in_progress", "in_progress", "completed"]
+    assert [f.id for f in client.vector_stores.files.list(store.id, filter="completed")] == \
+        [file_id]
+    assert list(client.vector_stores.files.list(store.id, filter="in_progress")) == []
+    deleted = client.vector_stores.files.delete(file_id, vector_store_id=store.id)
+    assert (deleted.id, deleted.deleted) == (file_id, True)
+    with pytest.raises(NotFoundError):
+        client.vector_stores.files.retrieve(file_id, vector_store_id=store.id)
+    with pytest.raises(NotFoundError) as raised:
+        client.vector_stores.files.create(vector_store_id=store.id, file_id="file-nothere")
+    assert _error(raised)["param"] == "file_id"
+
+
+def test_file_batch_moves_to_completed_and_can_be_cancelled(client: OpenAI) -> None:
+    store = client.vector_stores.create(name="batched")
+    file_ids = [_upload(client, f"{n}.txt") for n in range(3)]
+    raw = client.vector_stores.file_batches.with_raw_response.create(
+        vector_store_id=store.id, file_ids=file_ids)
+    batch = raw.parse()
+    assert raw.headers["openai-poll-after-ms"] == "50"
+    assert batch.id.startswith("vsfb_") and batch.status == "in_progress"
+    assert (batch.file_counts.in_progress, batch.file_counts.total) == (3, 3)
+    seen = [client.vector_stores.file_batches.retrieve(batch.id, vector_store_id=store.id)
+            for _ in range(3)]
+    assert [b.status for b in seen] == ["in_progress", "in_progress", "completed"]
+    assert (seen[-1].file_counts.completed, seen[-1].file_counts.in_progress) == (3, 0)
+    listed = client.vector_stores.file_batches.list_files(batch.id, vector_store_id=store.id)
+    assert sorted(f.id for f in listed) == sorted(file_ids)
+    assert all(f.status == "completed" for f in listed)
+    with pytest.raises(BadRequestError):
+        client.vector_stores.file_batches.cancel(batch.id, vector_store_id=store.id)
+    second = client.vector_stores.file_batches.create(vector_store_id=store.id,
+                                                      file_ids=[_upload(client, "late.txt")])
+    cancelled = client.vector_stores.file_batches.cancel(second.id, vector_store_id=store.id)
+    assert cancelled.status == "cancelled" and cancelled.file_counts.cancelled == 1
+    assert client.vector_stores.file_batches.retrieve(
+        second.id, vector_store_id=store.id).status == "cancelled"
+
+
+def _upload_and_poll_file(client: OpenAI, store_id: str) -> tuple[str, int]:
+    done = client.vector_stores.files.upload_and_poll(vector_store_id=store_id,
+                                                      file=("u.txt", b"uploaded and polled"))
+    return done.status, done.usage_bytes
+
+
+def _create_and_poll_file(client: OpenAI, store_id: str) -> tuple[str, int]:
+    file_id = _upload(client, "p.txt", b"attached")
+    done = client.vector_stores.files.create_and_poll(file_id, vector_store_id=store_id)
+    return done.status, done.usage_bytes
+
+
+def _upload_and_poll_batch(client: OpenAI, store_id: str) -> tuple[str, int]:
+    done = client.vector_stores.file_batches.upload_and_poll(
+        store_id, files=[("x.txt", b"x"), ("y.txt", b"yy")])
+    return done.status, done.file_counts.completed
+
+
+def _create_and_poll_batch(client: OpenAI, store_id: str) -> tuple[str, int]:
+    file_ids = [_upload(client, "z.txt"), _upload(client, "w.txt")]
+    done = client.vector_stores.file_batches.create_and_poll(store_id, file_ids=file_ids)
+    return done.status, done.file_counts.completed
+
+
+@pytest.mark.parametrize(("helper", "expected", "polled"), [
+    (_upload_and_poll_file, ("completed", 19), "files/{file_id}"),
+    (_create_and_poll_file, ("completed", 8), "files/{file_id}"),
+    (_upload_and_poll_batch, ("completed", 2), "file_batches/{batch_id}"),
+    (_create_and_poll_batch, ("completed", 2), "file_batches/{batch_id}"),
+])
+def test_sdk_poll_helpers_complete_at_the_hinted_interval(
+        client: OpenAI, simulator: SimulatorThread,
+        helper: Callable[[OpenAI, str], tuple[str, int]], expected: tuple[str, int],
+        polled: str) -> None:
+    # Long enough to measure, far below the SDK's one-second default between polls.
+    simulator.state.poll_after_ms = 120
+    store_id = client.vector_stores.create(name="helpers").id
+    started = time.monotonic()
+    assert helper(client, store_id) == expected
+    took = time.monotonic() - started
+    assert 0.24 <= took < 0.9  # two sleeps of poll_after_ms, not two of a second
+    assert simulator.state.calls_by_endpoint[
+        f"GET vector_stores/{{vector_store_id}}/{polled}"] == 3

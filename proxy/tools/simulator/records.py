@@ -144,7 +144,6 @@ class VectorStoreRecord:
     created_at: int
     metadata: dict[str, Any] | None
     expires_after: dict[str, Any] | None
-    description: str | None
     last_active_at: int
     files: Bounded[VectorStoreFileRecord] = field(default_factory=Bounded)
     file_batches: Bounded[FileBatchRecord] = field(default_factory=Bounded)
