@@ -474,3 +474,57 @@ def test_sdk_poll_helpers_complete_at_the_hinted_interval(
     assert 0.24 <= took < 0.9  # two sleeps of poll_after_ms, not two of a second
     assert simulator.state.calls_by_endpoint[
         f"GET vector_stores/{{vector_store_id}}/{polled}"] == 3
+
+
+# Fine-tuning jobs.
+
+TRAINING = _jsonl([{"messages": [{"role": "user", "content": "Hi there"},
+                                 {"role": "assistant", "content": "Hello friend"}]}] * 4)
+
+
+def test_fine_tuning_job_moves_to_succeeded_with_a_model(client: OpenAI,
+                                                        simulator: SimulatorThread) -> None:
+    training = client.files.create(file=("train.jsonl", TRAINING), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(training_file=training.id, model="gpt-4o-mini",
+                                         suffix="otters", seed=5)
+    assert job.id.startswith("ftjob-") and job.status == "validating_files"
+    assert (job.fine_tuned_model, job.trained_tokens, job.finished_at) == (None, None, None)
+    assert job.hyperparameters.n_epochs == "auto" and job.seed == 5
+    seen = [client.fine_tuning.jobs.retrieve(job.id) for _ in range(3)]
+    assert [j.status for j in seen] == ["queued", "running", "succeeded"]
+    assert seen[0].hyperparameters.n_epochs == 3
+    done = seen[-1]
+    assert done.fine_tuned_model is not None
+    assert done.fine_tuned_model.startswith("ft:gpt-4o-mini:replay-sim:otters:")
+    assert done.trained_tokens == len(TRAINING.split()) * 3
+    assert done.finished_at is not None and len(done.result_files) == 1
+    metrics = client.files.content(done.result_files[0]).content.decode()
+    assert metrics.startswith("step,train_loss,")
+    events = list(client.fine_tuning.jobs.list_events(job.id))
+    assert events[0].message == "The job has successfully completed"
+    assert events[-1].message == f"Validating training file: {training.id}"
+    assert [e.message for e in events if e.type == "message"] == [
+        "The job has successfully completed", "New fine-tuned model created",
+        "Fine-tuning job started", "Files validated, moving job to queued state",
+        f"Validating training file: {training.id}"]
+    assert [j.id for j in client.fine_tuning.jobs.list()] == [job.id]
+    assert simulator.state.calls_by_route["fine_tuning/jobs/{fine_tuning_job_id}"] == 3
+    assert simulator.state.calls_by_route["fine_tuning/jobs/{fine_tuning_job_id}/events"] == 1
+
+
+def test_fine_tuning_job_cancel_and_unknown_ids(client: OpenAI) -> None:
+    training = client.files.create(file=("train.jsonl", TRAINING), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(training_file=training.id, model="gpt-4o-mini")
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "queued"
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled" and cancelled.fine_tuned_model is None
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+    with pytest.raises(NotFoundError) as raised:
+        client.fine_tuning.jobs.retrieve("ftjob-doesnotexist")
+    assert _error(raised)["type"] == "invalid_request_error"
+    with pytest.raises(NotFoundError) as missing_file:
+        client.fine_tuning.jobs.create(training_file="file-doesnotexist", model="gpt-4o-mini")
+    assert _error(missing_file)["param"] == "training_file"
+    wrong_purpose = client.files.create(file=("a.jsonl", TRAINING), purpose="batch")
+    with pytest.raises(BadRequestError):
+        client.fine_tuning.jobs.create(training_file=wrong_purpose.id, model="gpt-4o-mini")

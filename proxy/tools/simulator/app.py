@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import batches, files, generation, responses, vector_stores
+from . import batches, files, fine_tuning, generation, responses, vector_stores
 from .state import SIM_STATE, SimulatorState
 from .wire import ApiError, Call, Endpoint, azure_error, openai_error
 
@@ -70,7 +70,8 @@ class _Routes:
 
 
 _ROUTES = _Routes((*generation.ENDPOINTS, *responses.ENDPOINTS, *files.ENDPOINTS,
-                   *batches.ENDPOINTS, *vector_stores.ENDPOINTS))
+                   *batches.ENDPOINTS, *vector_stores.ENDPOINTS,
+                   *fine_tuning.ENDPOINTS))
 
 
 def _split(path: str) -> tuple[str, str, str | None, bool] | None:

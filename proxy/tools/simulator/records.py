@@ -158,7 +158,8 @@ class FineTuningJobRecord:
     created_at: int
     progress: Progress
     seed: int
-    hyperparameters: dict[str, Any]
+    hyperparameters: dict[str, Any]  # as requested
+    method: dict[str, Any] | None  # as requested
     suffix: str | None
     metadata: dict[str, Any] | None
     trained_tokens: int
