@@ -12,7 +12,14 @@ from collections.abc import Callable, Iterator
 import httpx2
 import orjson
 import pytest
-from openai import AzureOpenAI, BadRequestError, NotFoundError, OpenAI
+from openai import (
+    AuthenticationError,
+    AzureOpenAI,
+    BadRequestError,
+    InternalServerError,
+    NotFoundError,
+    OpenAI,
+)
 from replay_proxy.tools.simulator.lifecycle import Lifecycle, Progress
 from replay_proxy.tools.testing import SimulatorThread
 
@@ -528,3 +535,73 @@ def test_fine_tuning_job_cancel_and_unknown_ids(client: OpenAI) -> None:
     wrong_purpose = client.files.create(file=("a.jsonl", TRAINING), purpose="batch")
     with pytest.raises(BadRequestError):
         client.fine_tuning.jobs.create(training_file=wrong_purpose.id, model="gpt-4o-mini")
+
+
+# Knobs, bounds, and the simulator's usual behaviour on the new routes.
+
+def test_knobs_are_set_and_reported_over_http(simulator: SimulatorThread, client: OpenAI) -> None:
+    client.responses.create(**RESPONSE, background=True)
+    changed = httpx2.post(simulator.url + "/_sim/state",
+                          json={"poll_steps": 0, "poll_after_ms": 5, "resource_limit": 7})
+    assert changed.status_code == 200
+    reported = httpx2.get(simulator.url + "/_sim/state").json()
+    assert (reported["poll_steps"], reported["poll_after_ms"], reported["resource_limit"]) == \
+        (0, 5, 7)
+    assert reported["resources"]["responses"] == 1
+    assert reported["calls_by_endpoint"] == {"POST responses": 1}
+    store = client.vector_stores.create(name="k", file_ids=[_upload(client, "k.txt")])
+    raw = client.vector_stores.with_raw_response.retrieve(store.id)
+    assert raw.parse().status == "completed"  # poll_steps 0: the first retrieve finishes it
+    created = client.vector_stores.files.with_raw_response.create(
+        vector_store_id=store.id, file_id=_upload(client, "l.txt"))
+    assert created.headers["openai-poll-after-ms"] == "5"
+    httpx2.post(simulator.url + "/_sim/state", json={"reset_resources": True,
+                                                     "reset_calls": True})
+    reported = httpx2.get(simulator.url + "/_sim/state").json()
+    assert reported["resources"]["vector_stores"] == 0 and reported["calls"] == 0
+    with pytest.raises(NotFoundError):
+        client.vector_stores.retrieve(store.id)
+
+
+def test_each_kind_keeps_at_most_resource_limit_entries(client: OpenAI,
+                                                        simulator: SimulatorThread) -> None:
+    simulator.state.resource_limit = 2
+    ids = [client.responses.create(**RESPONSE, background=True).id for _ in range(3)]
+    with pytest.raises(NotFoundError):
+        client.responses.retrieve(ids[0])
+    assert client.responses.retrieve(ids[2]).status == "in_progress"
+    assert simulator.state.resources.counts()["responses"] == 2
+
+
+def test_a_faulted_poll_does_not_move_the_resource(client: OpenAI,
+                                                   simulator: SimulatorThread) -> None:
+    created = client.responses.create(**RESPONSE, background=True)
+    simulator.state.faults = ["status:500"]
+    with pytest.raises(InternalServerError):
+        client.responses.retrieve(created.id)
+    assert client.responses.retrieve(created.id).status == "in_progress"
+    assert simulator.state.calls_by_route["responses/{response_id}"] == 2
+
+
+def test_resource_routes_check_the_key_and_compress(simulator: SimulatorThread,
+                                                    client: OpenAI) -> None:
+    simulator.state.api_key = "sk-test"
+    with OpenAI(base_url=simulator.url + "/v1", api_key="sk-wrong", max_retries=0) as stranger:
+        with pytest.raises(AuthenticationError):
+            stranger.files.list()
+    client.files.create(file=("a.txt", b"a" * 2000), purpose="user_data")
+    listed = httpx2.get(simulator.url + "/v1/files", headers={
+        "Authorization": "Bearer sk-test", "Accept-Encoding": "gzip"})
+    assert listed.headers["content-encoding"] == "gzip"
+    assert listed.json()["data"][0]["bytes"] == 2000
+
+
+def test_calls_are_counted_by_route_pattern(client: OpenAI, simulator: SimulatorThread) -> None:
+    client.models.retrieve("gpt-4o")
+    client.models.retrieve("gpt-4o-mini")
+    with pytest.raises(NotFoundError):
+        client.batches.retrieve("batch_one")
+    with pytest.raises(NotFoundError):
+        client.batches.retrieve("batch_two")
+    assert simulator.state.calls_by_route == {"models/{model}": 2, "batches/{batch_id}": 2}
+    assert simulator.state.calls == 4
