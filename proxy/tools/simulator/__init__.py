@@ -4,7 +4,8 @@ Tests, demos and benchmarks run against it because the real APIs are not reachab
 It answers chat, legacy completions, embeddings, responses, models, moderations, images and
 audio on both URL layouts, streams like the real service, and can be steered while it runs:
 change the `system_fingerprint`, make seeded answers vary, add latency, inject faults.
-Stored and background responses can be retrieved, their status moving one step per retrieve.
+It also keeps the stateful resources (files, batches, stored and background responses, vector
+stores, fine-tuning jobs) in memory, their statuses moving one step per retrieve.
 Control it in-process through `SimulatorState`, or over HTTP at `/_sim/state`.
 """
 
