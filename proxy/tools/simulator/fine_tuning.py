@@ -9,6 +9,8 @@ result file of step metrics. Each stage it reaches adds to its events (newest fi
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from aiohttp import web
@@ -22,15 +24,15 @@ from .wire import ApiError, Call, Endpoint, json_response, missing, new_id, now,
 JOB_LIFECYCLE = Lifecycle(created="validating_files", stages=("queued", "running"),
                           working="running", finished="succeeded")
 _DEFAULT_EPOCHS = 3
-_RESOLVED: dict[str, int | float] = {"batch_size": 1, "learning_rate_multiplier": 1.8,
-                                     "n_epochs": _DEFAULT_EPOCHS}
+_RESOLVED: Mapping[str, int | float] = MappingProxyType({
+    "batch_size": 1, "learning_rate_multiplier": 1.8, "n_epochs": _DEFAULT_EPOCHS})
 _ORGANIZATION = "org-simulatedorg1234"
-_STAGE_MESSAGES = {
-    "queued": ["Files validated, moving job to queued state"],
-    "running": ["Fine-tuning job started"],
-    "succeeded": ["New fine-tuned model created", "The job has successfully completed"],
-    "cancelled": ["Fine-tuning job cancelled"],
-}
+_STAGE_MESSAGES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "queued": ("Files validated, moving job to queued state",),
+    "running": ("Fine-tuning job started",),
+    "succeeded": ("New fine-tuned model created", "The job has successfully completed"),
+    "cancelled": ("Fine-tuning job cancelled",),
+})
 
 
 def _hyperparameters(job: FineTuningJobRecord) -> dict[str, Any]:
@@ -75,7 +77,7 @@ def _advance(job: FineTuningJobRecord, state: SimulatorState) -> None:
         return
     if status == "succeeded":
         _finish(job, state, at)
-    for message in _STAGE_MESSAGES.get(status, []):
+    for message in _STAGE_MESSAGES.get(status, ()):
         _event(job, message, at)
 
 

@@ -26,14 +26,13 @@ from .wire import ApiError, Call, Endpoint, json_response, missing, now, page, p
 FILE_LIFECYCLE = Lifecycle(created="in_progress", stages=("in_progress",), working="in_progress",
                            finished="completed")
 _STATUSES = ("in_progress", "completed", "failed", "cancelled")
-_AUTO_CHUNKING = {"type": "static",
-                  "static": {"max_chunk_size_tokens": 800, "chunk_overlap_tokens": 400}}
 
 
 def _chunking(requested: Any) -> dict[str, Any]:
+    """The strategy as the API reports it: `auto` (or none) is its static default."""
     if isinstance(requested, dict) and requested.get("type") == "static":
         return {"type": "static", "static": dict(requested.get("static") or {})}
-    return dict(_AUTO_CHUNKING)
+    return {"type": "static", "static": {"max_chunk_size_tokens": 800, "chunk_overlap_tokens": 400}}
 
 
 def _file_counts(records: Iterable[VectorStoreFileRecord]) -> dict[str, int]:

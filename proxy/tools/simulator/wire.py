@@ -84,8 +84,8 @@ async def read_form(request: web.Request) -> dict[str, FormPart]:
 
 
 def missing(name: str) -> ApiError:
-    return ApiError(400, f"Missing required parameter: '{name}'.", code="missing_required_parameter",
-                    param=name)
+    return ApiError(400, f"Missing required parameter: '{name}'.",
+                    code="missing_required_parameter", param=name)
 
 
 def openai_error(status: int, message: str, type: str, code: str | None,
@@ -146,7 +146,8 @@ async def maybe_cut_body(request: web.Request, call: Call, response: web.Respons
 
 
 def _stream_response() -> web.StreamResponse:
-    return web.StreamResponse(headers={**openai_headers(), "Content-Type": "text/event-stream; charset=utf-8",
+    return web.StreamResponse(headers={**openai_headers(),
+                                       "Content-Type": "text/event-stream; charset=utf-8",
                                        "Cache-Control": "no-cache"})
 
 
