@@ -183,12 +183,12 @@ def test_a_write_past_the_recorded_sequence_misses_with_its_place(
         for _ in range(2):
             client.vector_stores.create(name="docs")
     simulator.stop()
-    with make_proxy(Mode.REPLAY) as proxy:
-        answers = [httpx2.post(proxy.url + "/v1/vector_stores", json={"name": "docs"})
-                   for _ in range(3)]
-    assert [a.status_code for a in answers] == [200, 200, 404]
-    assert [a.headers.get("x-replay-sequence") for a in answers[:2]] == ["1/2", "2/2"]
-    error = answers[2].json()["error"]
+    with make_proxy(Mode.REPLAY) as proxy, _client(proxy) as client:
+        answers = [client.vector_stores.with_raw_response.create(name="docs") for _ in range(2)]
+        with pytest.raises(openai.NotFoundError) as third:
+            client.vector_stores.create(name="docs")
+    assert [a.headers.get("x-replay-sequence") for a in answers] == ["1/2", "2/2"]
+    error = third.value.response.json()["error"]
     assert error["code"] == "sequence_exhausted"
     assert "3rd identical POST vector_stores" in error["message"]
     assert "2 recorded" in error["message"]
