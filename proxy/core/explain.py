@@ -114,10 +114,11 @@ def explain_exhausted(cassette: str, route: str, key: str, session: str,
     position = reason.position
     return (f"Replay miss: cassette '{cassette}' key {key[:16]}: this is the "
             f"{ordinal(position.occurrence)} identical {reason.method} {route} in session "
-            f"'{session}'; {position.recorded} recorded. The code under test repeats this request "
-            "more often than when it was recorded: record the sequence again (--mode record on "
-            "a cassette without this key), or, if the extra calls are expected, send them in a "
-            "session of their own (X-Replay-Session).")
+            f"'{session}'; {position.recorded} recorded. The code under test makes this request "
+            "more often than when it was recorded. To record the extra answer, run with --mode "
+            "record (it is stored as the next in the sequence). If the flow runs again on "
+            "purpose, start the session again between runs (POST /_replay/reset) or give each "
+            "run a session of its own (X-Replay-Session: <id>).")
 
 
 def ordinal(number: int) -> str:
