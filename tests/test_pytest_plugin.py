@@ -142,3 +142,56 @@ def test_same_question(n):
     assert simulator.state.calls == 1
     files = list((pytester.path / "cassettes" / "shared").glob("chat.completions-*.json"))
     assert len(files) == 1
+
+
+STATEFUL_TESTS = '''
+import pytest
+from openai import OpenAI
+
+FINISHED = ("completed", "failed", "cancelled", "expired")
+
+
+def poll_a_job(client):
+    response = client.responses.create(model="gpt-4o-mini", input="Tides?", background=True)
+    statuses = [response.status]
+    while response.status not in FINISHED:
+        response = client.responses.retrieve(response.id)
+        statuses.append(response.status)
+    return response.id, statuses
+
+
+@pytest.mark.replay(cassette="jobs")
+def test_first():
+    assert poll_a_job(OpenAI())[1][-1] == "completed"
+
+
+@pytest.mark.replay(cassette="jobs")
+def test_second():
+    # Its own session: the same flow replays from the first recording, not the fifth.
+    assert poll_a_job(OpenAI())[1][-1] == "completed"
+'''
+
+
+def test_every_test_is_a_session_of_its_own(pytester: pytest.Pytester,
+                                            simulator: SimulatorThread,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(test_jobs=STATEFUL_TESTS)
+    simulator.state.poll_steps = 2
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-recording-key")
+    monkeypatch.delenv("CI", raising=False)
+    recorded = pytester.runpytest_subprocess(
+        "--replay-mode", "record", "--replay-openai-upstream", simulator.url,
+        "-p", "no:cacheprovider")
+    recorded.assert_outcomes(passed=2)
+    # A create and three polls, asked once: the second test replayed the first one's sequence.
+    assert simulator.state.calls == 4
+    recorded.stdout.fnmatch_lines(["*2 test(s) through the proxy: 4 hit(s), 0 miss(es), "
+                                   "4 recording(s) made, 4 upstream call(s)*"])
+    simulator.stop()
+    monkeypatch.delenv("OPENAI_API_KEY")
+    for selection in ([], ["-k", "second"], ["-p", "xdist", "-n", "2"]):
+        replayed = pytester.runpytest_subprocess("--replay-mode", "replay",
+                                                 "-p", "no:cacheprovider", *selection)
+        replayed.assert_outcomes(passed=1 if selection[:1] == ["-k"] else 2)
+        replayed.stdout.fnmatch_lines(["*0 miss(es), 0 recording(s) made, 0 upstream call(s)*"])

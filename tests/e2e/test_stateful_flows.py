@@ -320,3 +320,22 @@ def test_workers_agree_on_the_nth_request(simulator: SimulatorThread, tmp_path: 
     with run_proxy_process("--mode", "replay", *common) as (url, _):
         replayed, _ = flow_on_fresh_connections(url)
     assert replayed == recorded
+
+
+def test_refresh_records_a_sequence_again_from_its_start(make_proxy: ProxyFactory,
+                                                        simulator: SimulatorThread,
+                                                        cassettes: Path) -> None:
+    simulator.state.poll_steps = 3
+    with make_proxy(Mode.RECORD) as proxy, _client(proxy) as client:
+        first = background_flow(client)
+    simulator.state.poll_steps = 1  # the provider got faster: fewer polls this time
+    with make_proxy(Mode.REFRESH) as proxy, _client(proxy) as client:
+        refreshed = background_flow(client)
+    assert refreshed[0][0] != first[0][0] and len(refreshed) < len(first)
+    simulator.stop()
+    with make_proxy(Mode.REPLAY) as proxy, _client(proxy) as client:
+        assert background_flow(client) == refreshed
+    created = [orjson.loads(path.read_bytes()) for path in recorded_files(cassettes)
+               if path.name.startswith("responses-")]
+    [document] = created
+    assert document["sequence"] and len(document["recordings"]) == 1
