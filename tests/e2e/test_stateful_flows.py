@@ -301,24 +301,27 @@ def test_workers_agree_on_the_nth_request(simulator: SimulatorThread, tmp_path: 
     cassettes = str(tmp_path / "cassettes")
     common = ("--workers", "2", "--cassettes", cassettes, "--openai-upstream", simulator.url)
 
-    def flow_on_fresh_connections(url: str) -> tuple[dict[str, Any], set[int]]:
+    def flow_on_fresh_connections(url: str) -> dict[str, Any]:
         # No keep-alive: every request is a new connection, spread over the workers.
         transport = httpx2.HTTPTransport(limits=httpx2.Limits(max_keepalive_connections=0))
         with httpx2.Client(transport=transport) as http, \
                 OpenAI(base_url=url + "/v1", api_key="k", max_retries=0,
                        http_client=http) as client:
-            result = batch_flow(client)
-            pids = {http.get(url + "/_replay/health").json()["pid"] for _ in range(30)}
-        return result, pids
+            # The port answers once the first worker listens; wait for the second too.
+            pids: set[int] = set()
+            deadline = time.monotonic() + 30
+            while len(pids) < 2 and time.monotonic() < deadline:
+                pids.add(http.get(url + "/_replay/health").json()["pid"])
+            assert len(pids) == 2, "both workers answer"
+            return batch_flow(client)
 
     with run_proxy_process("--mode", "record", *common) as (url, _):
-        recorded, pids = flow_on_fresh_connections(url)
-    assert len(pids) == 2  # both workers answered
+        recorded = flow_on_fresh_connections(url)
     polls = simulator.state.calls_by_endpoint["GET batches/{batch_id}"]
     assert polls == len(recorded["statuses"]) - 1
     simulator.stop()
     with run_proxy_process("--mode", "replay", *common) as (url, _):
-        replayed, _ = flow_on_fresh_connections(url)
+        replayed = flow_on_fresh_connections(url)
     assert replayed == recorded
 
 
