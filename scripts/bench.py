@@ -9,7 +9,9 @@ rounds interleaved A B A B so that the machine's noise falls on every server ali
 3. record-mode overhead over calling the simulator directly;
 4. streaming replay of a 200-event response: time to first and last event vs the simulator;
 5. mitmproxy's server replay of the same exchange, the best-known peer;
-6. scale: a cassette of 100,000 recordings against one of 100, start-up time and RSS.
+6. scale: a cassette of 100,000 recordings against one of 100, start-up time and RSS;
+7. sse: the stream splitter alone, in-process, on one huge event fed in small chunks
+   (`--only sse` needs no servers).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from replay_proxy.tools.testing import free_port, run_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-SECTIONS = ["throughput", "record", "streaming", "scale"]
+SECTIONS = ["throughput", "record", "streaming", "scale", "sse"]
 PROMPT = "Summarise the plot of a long novel in plain words."
 NAIVE_FORWARDER = """
 import sys
@@ -343,6 +345,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.duration, args.scale = 1, 1.0, 10_000
+    if args.only == ["sse"]:  # in-process: no servers, and the saved results stay as they are
+        print("\n".join(markdown_sse(measure_sse())))
+        return 0
     if shutil.which("wrk") is None:
         print("wrk is needed: apt-get install wrk (scripts/bench installs it)", file=sys.stderr)
         return 2
@@ -377,6 +382,8 @@ def main() -> int:
                 results["streaming"] = measure_streaming(work, simulator, args)
             if "scale" in args.only:
                 results["scale"] = measure_scale(work, body, args)
+            if "sse" in args.only:
+                results["sse"] = measure_sse()
             if args.profile:
                 results["profile"] = profile_replay(work, body, path, args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -550,6 +557,28 @@ def measure_scale(work: Path, body: bytes, args: argparse.Namespace) -> dict[str
             "cold_large_vs_small": cold["large"] / cold["small"]}
 
 
+def measure_sse(chunk: int = 16 * 1024) -> dict[str, float]:
+    """Seconds to split one event of 4 MiB and one of 31 MiB fed in 16 KiB chunks: what a
+    stream with one huge event (a big tool-call argument, say) costs the recorder's loop."""
+    from replay_proxy.core.sse import EventSplitter
+
+    timings: dict[str, float] = {}
+    for mib in (4, 31):
+        stream = b"data: " + b"x" * (mib * 1024 * 1024) + b"\n\n"
+        splitter = EventSplitter()
+        started = time.perf_counter()
+        events = [event for start in range(0, len(stream), chunk)
+                  for event in splitter.feed(stream[start:start + chunk])]
+        timings[f"{mib}MiB_s"] = time.perf_counter() - started
+        assert events == [stream], "the splitter must give back the one event whole"
+    return timings
+
+
+def markdown_sse(sse: dict[str, float]) -> list[str]:
+    return ["## Stream splitter (one event, fed in 16 KiB chunks)", "",
+            f"4 MiB event: {sse['4MiB_s']:.3f} s; 31 MiB event: {sse['31MiB_s']:.3f} s.", ""]
+
+
 def cold_hits_by_store(root: Path, args: argparse.Namespace, count: int) -> dict[str, float]:
     """First-time hits on 100 keys, one fresh proxy per store: what reading the store costs."""
     stores = {"directory": str(root), "diskcache": f"diskcache:{root.parent / 'cold-cache'}",
@@ -650,6 +679,8 @@ def markdown(results: dict[str, Any]) -> str:
                   "event.", ""]
     if "scale" in results:
         lines += markdown_scale(results["scale"])
+    if "sse" in results:
+        lines += markdown_sse(results["sse"])
     if results.get("profile"):
         lines += ["## Profile of a replay hit under load (py-spy, inclusive share)", ""]
         if results.get("profile_command"):  # profiled in a later run than the tables above

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from replay_proxy.core.sse import EventSplitter, event_fields, is_done
 
@@ -34,3 +34,45 @@ def test_unterminated_tail_is_kept() -> None:
     splitter = EventSplitter()
     assert splitter.feed(b"data: 1\n\ndata: 2") == [b"data: 1\n\n"]
     assert splitter.remainder() == b"data: 2"
+
+
+# Bytes that make up SSE framing, so that boundaries of every form (and near-misses such as
+# "\r\n\r" at a chunk's end) turn up often.
+_FRAMING = st.sampled_from([b"a", b"data: x", b":", b"\r", b"\n", b"\r\n", b"\n\n", b"\r\r",
+                            b"\r\n\r\n", b"\r\n\r"])
+
+
+def _split_whole(stream: bytes) -> tuple[list[bytes], bytes]:
+    splitter = EventSplitter()
+    events = splitter.feed(stream)
+    return events, splitter.remainder()
+
+
+@settings(max_examples=400, deadline=None)
+@given(pieces=st.lists(_FRAMING, max_size=60), data=st.data())
+def test_any_chunking_gives_the_events_of_the_whole_stream(pieces: list[bytes],
+                                                           data: st.DataObject) -> None:
+    stream = b"".join(pieces)
+    cuts = sorted(data.draw(st.sets(st.integers(0, len(stream)), max_size=len(stream) + 1)))
+    splitter = EventSplitter()
+    events: list[bytes] = []
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        events += splitter.feed(stream[start:end])
+    assert (events, splitter.remainder()) == _split_whole(stream)
+    assert b"".join(events) + splitter.remainder() == stream
+
+
+def test_a_crlf_boundary_split_across_chunks_is_found_once() -> None:
+    for cut in range(1, 4):
+        splitter = EventSplitter()
+        event = b"data: big\r\n\r\n"
+        found = splitter.feed(event[:-cut]) + splitter.feed(event[-cut:] + b"data: next")
+        assert found == [event]
+        assert splitter.remainder() == b"data: next"
+
+
+def test_a_huge_event_in_small_chunks_comes_out_whole() -> None:
+    event = b"data: " + b"x" * 300_000 + b"\n\n"
+    splitter = EventSplitter()
+    found = [e for start in range(0, len(event), 1024) for e in splitter.feed(event[start:start + 1024])]
+    assert found == [event] and splitter.remainder() == b""

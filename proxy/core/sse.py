@@ -10,28 +10,37 @@ from __future__ import annotations
 import re
 
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_LONGEST_BOUNDARY = 4
 _LINE = re.compile(rb"\r\n|\n|\r")
 
 
 class EventSplitter:
+    """Incremental: each byte is scanned for a boundary once, however the stream is chunked, so a
+    huge event arriving in small chunks costs linear time, not a rescan per chunk."""
+
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._scanned = 0  # no boundary starts before this offset of the buffer
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        self._buffer += chunk
+        buffer = self._buffer
+        buffer += chunk
         events: list[bytes] = []
         start = 0
-        for match in _BOUNDARY.finditer(self._buffer):
-            if match.start() < start:
-                continue
-            events.append(self._buffer[start:match.end()])
-            start = match.end()
-        self._buffer = self._buffer[start:]
+        position = self._scanned
+        while (match := _BOUNDARY.search(buffer, position)) is not None:
+            events.append(bytes(buffer[start:match.end()]))
+            start = position = match.end()
+        if start:
+            del buffer[:start]
+        # A boundary is at most 4 bytes (\r\n\r\n): its first 3 may already be here, so the
+        # next scan starts 3 bytes back from the end.
+        self._scanned = max(0, len(buffer) - _LONGEST_BOUNDARY + 1)
         return events
 
     def remainder(self) -> bytes:
         """Bytes after the last complete event (a stream that ended without a blank line)."""
-        return self._buffer
+        return bytes(self._buffer)
 
 
 def event_fields(raw: bytes) -> tuple[bytes | None, bytes | None]:
