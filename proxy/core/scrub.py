@@ -6,7 +6,8 @@ removes secrets that turn up inside bodies, such as the masked key the API quote
 
 What is removed, and nothing more (a replay must be the answer, byte for byte):
 
-1. The exact credentials of the exchange: the values of the client's credential headers.
+1. The exact credentials of the exchange: the values of the client's credential headers, and
+   the proxy's own: its upstream keys and its access token.
 2. Text shaped like a credential: `sk-` keys (also `sk-proj-`, `sk-svcacct-`, `sk-admin-`, and
    the masked form with `*` that a 401 quotes), `org-` and `proj_` ids, and bearer tokens. A
    shape counts only where it starts a token (no letter, digit, `_` or `-` right before it), is
@@ -21,6 +22,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 REDACTED = "[REDACTED]"
 
@@ -42,15 +47,24 @@ CREDENTIAL_HEADERS = ("authorization", "api-key", "openai-organization", "openai
 _MIN_SECRET = 6  # shorter values would redact ordinary words, and are no secret anyway
 
 
-def secret_values(headers: Mapping[str, str]) -> list[bytes]:
-    """The literal credential values a client sent, so they can be searched for in bodies."""
-    values: list[bytes] = []
+def secret_values(headers: Mapping[str, str], settings: Settings | None = None) -> list[bytes]:
+    """The literal credential values of an exchange, so they can be searched for in bodies: what
+    the client sent, and the keys the proxy itself holds (an upstream may echo the key it was
+    sent, which is the proxy's own when it has one)."""
+    candidates: list[str] = []
     for name in CREDENTIAL_HEADERS:
         value = headers.get(name, "").strip()
         if name == "authorization" and value.lower().startswith("bearer "):
             value = value[7:].strip()
-        if len(value) >= _MIN_SECRET:
-            values.append(value.encode())
+        candidates.append(value)
+    if settings is not None:
+        candidates += [settings.openai_api_key or "", settings.azure_api_key or "",
+                       settings.auth_token or ""]
+    values: list[bytes] = []
+    for value in candidates:
+        encoded = value.strip().encode()
+        if len(value.strip()) >= _MIN_SECRET and encoded not in values:
+            values.append(encoded)
     return values
 
 

@@ -277,7 +277,7 @@ async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
             exchange = Exchange(
                 cassette=cassette, key=key, route=route, method=request.method, query=query,
                 headers=headers, body=body, canonical=canonical, forward=forward, mode=mode,
-                fingerprint=policy, occurrence=occurrence, secrets=tuple(secret_values(headers)),
+                fingerprint=policy, occurrence=occurrence, secrets=tuple(secret_values(headers, settings)),
             )
             if forward is None:
                 flight_name = f"pass\x1f{id(request)}"
