@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from replay_proxy.core.sse import EventSplitter, event_fields, is_done
+from replay_proxy.core.sse import EventSplitter, data_span, event_fields, is_done
 
 EVENTS = [b"data: {\"a\": 1}\n\n", b"event: response.output_text.delta\ndata: {\"d\": \"x\"}\n\n",
           b": keep-alive comment\n\n", b"data: line one\ndata: line two\r\n\r\n", b"data: [DONE]\n\n"]
@@ -76,3 +76,12 @@ def test_a_huge_event_in_small_chunks_comes_out_whole() -> None:
     splitter = EventSplitter()
     found = [e for start in range(0, len(event), 1024) for e in splitter.feed(event[start:start + 1024])]
     assert found == [event] and splitter.remainder() == b""
+
+
+def test_data_span_points_at_the_single_data_line() -> None:
+    raw = b"event: response.output_text.delta\r\ndata:{\"d\": 1}\r\n\r\n"
+    start, end = data_span(raw) or (0, 0)
+    assert raw[start:end] == b'{"d": 1}'
+    assert data_span(EVENTS[0]) == (6, 14)
+    assert data_span(EVENTS[3]) is None  # two data lines: their data is joined, not in one place
+    assert data_span(EVENTS[2]) is None

@@ -15,14 +15,35 @@ What is removed, and nothing more (a replay must be the answer, byte for byte):
    digits, or holds a `*`. So "risk-averse", "task-oriented", "proj_manager" or
    "sk-learn-is-a-library" are left alone.
 
-Each match becomes `[REDACTED]`; overlapping matches become one.
+Where they are looked for:
+
+- In JSON, credentials are looked for in the decoded strings, so one written with escapes
+  (`\\u0073k-...`) is found. Only the bytes that spell the credential inside its string are
+  replaced: the rest of the document, its layout and its other escapes stay as they were, and
+  nothing outside strings (numbers, structure) is ever touched.
+- A stream is read as the text its events add up to. The strings at the same place in
+  successive events (the same event name and JSON path, the same choice `index`, output item
+  or content part) are one text, so a key sent four characters per delta is found. A
+  credential's part in the first event it touches becomes `[REDACTED]`; its parts in later
+  events are removed (a delta of `"roj-"` becomes `""`), so the stream still adds up to the
+  scrubbed text. Events that hold no part of a credential keep every byte, and so do the
+  bytes of the others outside the credential. Data that is not JSON is scrubbed event by
+  event.
+- Anything else (text, bytes that are not UTF-8) as it is; bytes round-trip exactly.
+
+Each match becomes `[REDACTED]`; overlapping or touching matches become one.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .sse import data_span, event_fields
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -41,6 +62,11 @@ _SHAPES = re.compile(
 _UPPER = re.compile(r"[A-Z]")
 _LOWER = re.compile(r"[a-z]")
 _DIGIT = re.compile(r"[0-9]")
+# In a valid JSON document every quote outside a string opens one.
+_JSON_STRING = re.compile(rb'"([^"\\]*(?:\\.[^"\\]*)*)"', re.DOTALL)
+_JSON_ESCAPE = re.compile(rb"\\(?:u([0-9a-fA-F]{4})|.)", re.DOTALL)
+# Fields of a stream event that tell apart texts streamed side by side (Responses API).
+_STREAM_PLACES = ("item_id", "output_index", "content_index", "summary_index")
 
 CREDENTIAL_HEADERS = ("authorization", "api-key", "openai-organization", "openai-project",
                       "cookie", "x-replay-auth")
@@ -70,11 +96,35 @@ def secret_values(headers: Mapping[str, str], settings: Settings | None = None) 
 
 def scrub(data: bytes, secrets: Iterable[bytes] = ()) -> bytes:
     """`data` with every credential replaced by `[REDACTED]`; bytes that hold none are kept."""
-    text = data.decode("utf-8", "surrogateescape")  # round-trips any bytes exactly
-    spans = credential_spans(text, _as_text(secrets))
-    if not spans:
-        return data
-    return _redact(text, spans).encode("utf-8", "surrogateescape")
+    wanted = _as_text(secrets)
+    strings = _json_strings(data)
+    pieces = [_text_piece(0, 0, data)] if strings is None else [piece for piece, _ in strings]
+    return _apply([data], _edits([[piece] for piece in pieces], wanted))[0]
+
+
+def scrub_stream(events: Sequence[bytes], secrets: Iterable[bytes] = ()) -> list[bytes]:
+    """The raw events of one stream, scrubbed as the text they add up to (see the module's
+    docstring for the rule); an event that holds no part of a credential is returned as is."""
+    wanted = _as_text(secrets)
+    channels: dict[Hashable, list[_Piece]] = {}
+    alone: list[list[_Piece]] = []
+    for number, raw in enumerate(events):
+        span = data_span(raw)
+        strings = None
+        if span is not None:
+            start, end = span
+            strings = _json_strings(raw[start:end], number, start)
+        if span is None or strings is None:
+            alone.append([_text_piece(number, 0, raw)])
+            continue
+        alone += [[_text_piece(number, 0, raw[:start])], [_text_piece(number, end, raw[end:])]]
+        name = event_fields(raw)[0]
+        for piece, place in strings:
+            if place is None:
+                alone.append([piece])
+            else:
+                channels.setdefault((name, place), []).append(piece)
+    return _apply(list(events), _edits([*channels.values(), *alone], wanted))
 
 
 def scrub_text(text: str, secrets: Iterable[bytes] = ()) -> str:
@@ -113,14 +163,124 @@ def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def _redact(text: str, spans: list[tuple[int, int]]) -> str:
-    pieces: list[str] = []
-    kept = 0
-    for start, end in spans:
-        pieces += [text[kept:start], REDACTED]
-        kept = end
-    pieces.append(text[kept:])
-    return "".join(pieces)
+@dataclass(frozen=True)
+class _Piece:
+    """A run of text in one event (or body): plain bytes, or the inside of a JSON string."""
+
+    event: int
+    start: int  # where its bytes begin in the event
+    raw: bytes
+    text: str
+    escaped: bool  # JSON string content holding escapes: characters and bytes do not align
+
+    def offset(self, index: int) -> int:
+        """Where character `index` of the text begins in the event's bytes."""
+        if not self.escaped:
+            return self.start + len(self.text[:index].encode("utf-8", "surrogateescape"))
+        position = characters = 0
+        escapes = _JSON_ESCAPE.finditer(self.raw)
+        for escape in escapes:
+            run = self.raw[position:escape.start()].decode()
+            if characters + len(run) > index:
+                break
+            characters += len(run)
+            position = escape.end()
+            code = escape.group(1)
+            if code is not None and 0xD800 <= int(code, 16) < 0xDC00:  # a pair: one character
+                position = next(escapes).end()
+            if characters == index:
+                return self.start + escape.start()
+            characters += 1
+        run = self.raw[position:].decode()
+        return self.start + position + len(run[:index - characters].encode())
+
+
+def _text_piece(event: int, start: int, raw: bytes) -> _Piece:
+    return _Piece(event, start, raw, raw.decode("utf-8", "surrogateescape"), escaped=False)
+
+
+def _json_strings(data: bytes, event: int = 0,
+                  start: int = 0) -> list[tuple[_Piece, Hashable | None]] | None:
+    """Every string of a JSON document, with its place in a stream (its event's distinguishing
+    fields and its JSON path; None for object keys, which never continue in a later event).
+    None when `data` is not a JSON object, array or string."""
+    if data.lstrip()[:1] not in (b"{", b"[", b'"'):
+        return None
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    pieces = []
+    for literal in _JSON_STRING.finditer(data):
+        raw = literal.group(1)
+        escaped = b"\\" in raw
+        text = orjson.loads(literal.group(0)) if escaped else raw.decode()
+        pieces.append(_Piece(event, start + literal.start(1), raw, text, escaped))
+    try:
+        places = list(_places(document, _stream_place(document), ()))
+    except RecursionError:  # nested deeper than a path is worth following
+        places = []
+    if len(places) != len(pieces):  # or duplicate object keys: no path for each string
+        return [(piece, None) for piece in pieces]
+    return list(zip(pieces, places, strict=True))
+
+
+def _stream_place(document: Any) -> tuple[Any, ...]:
+    if not isinstance(document, dict):
+        return ()
+    return tuple((name, document[name]) for name in _STREAM_PLACES
+                 if isinstance(document.get(name), (str, int)))
+
+
+def _places(value: Any, stream_place: tuple[Any, ...],
+            path: tuple[Any, ...]) -> Iterator[Hashable | None]:
+    """In document order, what `_json_strings` pairs with each string literal."""
+    if isinstance(value, str):
+        yield (stream_place, path)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            yield None
+            yield from _places(item, stream_place, (*path, name))
+    elif isinstance(value, list):
+        for position, item in enumerate(value):
+            # Chat streams carry one choice per event, at position 0 whatever its index.
+            index = item.get("index") if isinstance(item, dict) else None
+            step = ("index", index) if isinstance(index, int) else position
+            yield from _places(item, stream_place, (*path, step))
+
+
+def _edits(texts: Iterable[list[_Piece]],
+           secrets: list[str]) -> dict[int, list[tuple[int, int, bytes]]]:
+    """Per event, the byte ranges to replace and what with, for the credentials in each text
+    (a list of pieces read as one)."""
+    edits: dict[int, list[tuple[int, int, bytes]]] = {}
+    for pieces in texts:
+        whole = "".join(piece.text for piece in pieces)
+        for start, end in credential_spans(whole, secrets):
+            replacement = REDACTED.encode()
+            begins = 0
+            for piece in pieces:
+                ends = begins + len(piece.text)
+                if begins < end and start < ends:
+                    low, high = max(start, begins) - begins, min(end, ends) - begins
+                    edits.setdefault(piece.event, []).append(
+                        (piece.offset(low), piece.offset(high), replacement))
+                    replacement = b""
+                begins = ends
+    return edits
+
+
+def _apply(events: list[bytes], edits: dict[int, list[tuple[int, int, bytes]]]) -> list[bytes]:
+    for number, changes in edits.items():
+        raw = events[number]
+        pieces: list[bytes] = []
+        kept = 0
+        for start, end, replacement in sorted(changes):
+            pieces += [raw[kept:start], replacement]
+            kept = end
+        pieces.append(raw[kept:])
+        events[number] = b"".join(pieces)
+    return events
 
 
 def _as_text(secrets: Iterable[bytes]) -> list[str]:

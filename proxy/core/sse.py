@@ -55,6 +55,28 @@ def event_fields(raw: bytes) -> tuple[bytes | None, bytes | None]:
     return name, (b"\n".join(data) if data else None)
 
 
+def data_span(raw: bytes) -> tuple[int, int] | None:
+    """Where the data of an event with a single data line sits in its raw bytes: (start, end).
+
+    None when the event has no data line, or several (their data is joined, so it does not sit
+    in one place)."""
+    span: tuple[int, int] | None = None
+    start = 0
+    for line_end in (*_LINE.finditer(raw), None):
+        end = line_end.start() if line_end is not None else len(raw)
+        if raw.startswith(b"data:", start, end):
+            if span is not None:
+                return None
+            value = start + 5
+            if raw.startswith(b" ", value, end):
+                value += 1
+            span = (value, end)
+        if line_end is None:
+            break
+        start = line_end.end()
+    return span
+
+
 def event_data(raw: bytes) -> bytes | None:
     return event_fields(raw)[1]
 
