@@ -27,7 +27,7 @@ from ..core.errors import UpstreamError
 from ..core.modes import Mode
 from ..core.plan import Forward, Replay, plan, stored_entry
 from ..core.providers import Route
-from ..core.scrub import scrub, scrub_text
+from ..core.scrub import scrub, scrub_stream, scrub_text
 from ..core.settings import Settings
 from ..core.sse import EventSplitter, is_done
 from .flights import Flight, FlightCut, Head
@@ -212,7 +212,8 @@ def body_recording(status: int, headers: Any, body: bytes, secrets: tuple[bytes,
 
 def stream_recording(status: int, headers: Any, events: list[SseEvent],
                      secrets: tuple[bytes, ...], duration_ms: float) -> Recording:
-    scrubbed = tuple(replace(event, raw=scrub(event.raw, secrets)) for event in events)
+    raws = scrub_stream([event.raw for event in events], secrets)  # split secrets too
+    scrubbed = tuple(replace(event, raw=raw) for event, raw in zip(events, raws, strict=True))
     fingerprint, model, usage = describe_events(scrubbed)
     return Recording(status=status, headers=stored_headers(headers), events=scrubbed,
                      system_fingerprint=fingerprint, model=model, usage=usage,

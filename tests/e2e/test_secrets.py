@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 from aiohttp import web
 from openai import AzureOpenAI, OpenAI
 from replay_proxy.core.modes import Mode
+from replay_proxy.core.scrub import REDACTED
 from replay_proxy.core.settings import Settings
 from replay_proxy.tools.testing import ServerThread, run_proxy, run_proxy_process
 
@@ -150,8 +152,10 @@ def proxy_log(caplog: pytest.LogCaptureFixture) -> bytes:
 
 
 def forms(secret: str) -> list[bytes]:
-    """A secret as it could be stored: plain, JSON-escaped, and its longer pieces."""
-    return [secret.encode(), "".join(f"\\u{ord(char):04x}" for char in secret).encode(),
+    """A secret as it could be stored: plain, JSON-escaped (once, or twice for a text body
+    inside a cassette file), and its longer pieces."""
+    escaped = "".join(f"\\u{ord(char):04x}" for char in secret)
+    return [secret.encode(), escaped.encode(), escaped.replace("\\", "\\\\").encode(),
             secret[:12].encode(), secret[-12:].encode()]
 
 
@@ -245,5 +249,45 @@ def test_the_clients_key_is_scrubbed_as_before(echo: ServerThread, tmp_path: Pat
         assert SECRET_KEY in _chat(client, "echo-plain")
     kept = stored_bytes(tmp_path)
     assert b"You sent [REDACTED]" in kept
+    for form in forms(SECRET_KEY):
+        assert form not in kept
+
+
+def test_split_and_escaped_secrets_cannot_be_rebuilt_from_a_store(
+        echo: ServerThread, tmp_path: Path, store_spec: str | None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    styles = ("echo-split", "echo-escaped")
+    with run_proxy(_settings(tmp_path, store_spec, echo.url, Mode.RECORD)) as proxy:
+        live = _exercise(proxy.url, styles)
+    assert live[0].split("|")[1].startswith(f"You sent {PROXY_OPENAI_KEY}")  # as it was sent
+    with run_proxy(_settings(tmp_path, store_spec, echo.url, Mode.REPLAY)) as proxy:
+        replayed = _exercise(proxy.url, styles)
+        assert proxy.state.totals["misses"] == 0
+    for answer in replayed[:4]:  # what the SDK assembles: the scrubbed text, nothing else
+        for part in answer.split("|"):
+            assert part.startswith((f"You sent {REDACTED}", f"The key {REDACTED} is")), part
+    kept = everything_kept(tmp_path, store_spec) + proxy_log(caplog)
+    for secret in SECRETS:
+        for form in forms(secret):
+            assert form not in kept, (secret, form)
+        assert all(secret not in answer for answer in replayed)
+
+
+def test_the_clients_key_streamed_in_pieces_is_not_stored(echo: ServerThread,
+                                                          tmp_path: Path) -> None:
+    settings = Settings(cassettes=tmp_path / "cassettes", mode=Mode.RECORD,
+                        openai_upstream=echo.url)
+    with run_proxy(settings) as proxy, OpenAI(base_url=proxy.url + "/v1", api_key=SECRET_KEY,
+                                              max_retries=0) as client:
+        assert SECRET_KEY in _chat(client, "echo-split")
+        assert SECRET_KEY in _chat(client, "echo-escaped")
+    with run_proxy(replace(settings, mode=Mode.REPLAY)) as proxy, \
+            OpenAI(base_url=proxy.url + "/v1", api_key="replay-needs-no-key") as client:
+        for style in ("echo-split", "echo-escaped"):
+            assert _chat(client, style).split("|") == [
+                f"You sent {REDACTED} and said: hello"] * 2 + [f"The key {REDACTED} is over "
+                                                               "its quota."]
+    kept = stored_bytes(tmp_path)
     for form in forms(SECRET_KEY):
         assert form not in kept
