@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from email.message import Message
 from typing import Any
 
+import multipart  # type: ignore[import-untyped]
 import orjson
 
 from .errors import ProxyError
@@ -29,6 +32,15 @@ DEFAULT_MATCHED_HEADERS = frozenset({"openai-beta"})
 NEVER_IGNORED = frozenset({"seed", "model", "messages", "input", "prompt", "stream"})
 
 _MAX_SAFE_INT = 2**53
+# A body that is not JSON is keyed by what it is, under a top-level `body_kind` that no JSON
+# body can set: an upload and a JSON body shaped like its canonical form never share a key.
+# JSON bodies carry no `body_kind`, so their keys are what they always were.
+BODY_MULTIPART = "multipart"
+BODY_BYTES = "bytes"
+# Limits on one part's headers: generous next to what clients send (a name, a file name, a
+# type), small next to --max-body.
+_MAX_PART_HEADER = 16 * 1024
+_MAX_PART_HEADERS = 16
 
 
 @dataclass(frozen=True)
@@ -68,7 +80,8 @@ def canonical_request(request: IncomingRequest, policy: KeyPolicy) -> dict[str, 
         name: request.headers[name] for name in sorted(policy.matched_headers)
         if name in request.headers
     }
-    return {
+    body, kind = canonical_body(request, policy)
+    canonical = {
         "provider": route.provider,
         "method": request.method.upper(),
         "route": route.route,
@@ -76,8 +89,11 @@ def canonical_request(request: IncomingRequest, policy: KeyPolicy) -> dict[str, 
         "api_version": route.api_version,
         "query": [list(pair) for pair in query],
         "headers": headers,
-        "body": canonical_body(request, policy),
+        "body": body,
     }
+    if kind is not None:
+        canonical["body_kind"] = kind
+    return canonical
 
 
 def request_key(canonical: Mapping[str, Any]) -> str:
@@ -104,7 +120,8 @@ def decoded_body(body: bytes, content_encoding: str | None) -> bytes:
     )
 
 
-def canonical_body(request: IncomingRequest, policy: KeyPolicy) -> Any:
+def canonical_body(request: IncomingRequest, policy: KeyPolicy) -> tuple[Any, str | None]:
+    """(the keyed form of the body, its `body_kind`: None for JSON and for no body)."""
     body = decoded_body(request.body, request.headers.get("content-encoding"))
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not body:
@@ -113,9 +130,9 @@ def canonical_body(request: IncomingRequest, policy: KeyPolicy) -> Any:
                 f"The request body is empty; POST {request.route.route} takes a JSON object.",
                 code="empty_body",
             )
-        return None
+        return None, None
     if content_type == "multipart/form-data":
-        return {"multipart": multipart_parts(body, request.headers.get("content-type", ""))}
+        return multipart_parts(body, request.headers.get("content-type", "")), BODY_MULTIPART
     is_json_type = content_type == "application/json" or content_type.endswith("+json")
     if request.route.expects_json and not is_json_type:
         shown = content_type or "none"
@@ -125,14 +142,14 @@ def canonical_body(request: IncomingRequest, policy: KeyPolicy) -> Any:
         )
     if not is_json_type:
         return {"sha256": hashlib.sha256(body).hexdigest(), "size": len(body),
-                "content_type": content_type or None}
+                "content_type": content_type or None}, BODY_BYTES
     parsed = parse_json_body(body)
     if isinstance(parsed, dict):
         return {
             name: normalise_value(value) for name, value in parsed.items()
             if value is not None and name not in policy.ignored_fields
-        }
-    return normalise_value(parsed)
+        }, None
+    return normalise_value(parsed), None
 
 
 def parse_json_body(body: bytes) -> Any:
@@ -166,52 +183,63 @@ def normalise_value(value: Any) -> Any:
 
 
 def multipart_parts(body: bytes, content_type: str) -> list[dict[str, Any]]:
-    """Key a multipart/form-data body by its parts; a file part by its content, not its name."""
+    """Key a multipart/form-data body by its parts, in order of name (repeated names keep their
+    order). A text field by its value; a file, or a value that is not UTF-8, by the sha256 of its
+    bytes, never its file name: two different files never share a key, a renamed one does."""
     boundary = _boundary(content_type)
-    delimiter = b"--" + boundary
     parts: list[dict[str, Any]] = []
-    for chunk in body.split(delimiter)[1:]:
-        if chunk.startswith(b"--"):
-            break
-        chunk = chunk.removeprefix(b"\r\n")
-        head, separator, content = chunk.partition(b"\r\n\r\n")
-        if not separator:
-            raise ProxyError("A multipart part has no header/body separator.", code="invalid_multipart")
-        content = content.removesuffix(b"\r\n")
-        headers = _part_headers(head)
-        disposition = headers.get("content-disposition", "")
-        name = _disposition_param(disposition, "name")
-        if name is None:
-            raise ProxyError("A multipart part has no name.", code="invalid_multipart")
-        if _disposition_param(disposition, "filename") is not None:
-            parts.append({"name": name, "sha256": hashlib.sha256(content).hexdigest(),
-                          "size": len(content), "content_type": headers.get("content-type")})
-        else:
-            parts.append({"name": name, "value": content.decode("utf-8", "replace")})
-    parts.sort(key=lambda part: (part["name"], orjson.dumps(part, option=orjson.OPT_SORT_KEYS)))
+    segment: Any = None  # the part being read: its headers
+    content: list[bytes] = []
+    try:
+        parser = multipart.PushMultipartParser(
+            boundary, max_header_size=_MAX_PART_HEADER, max_header_count=_MAX_PART_HEADERS)
+        # An empty chunk ends the input: a body cut before its closing boundary is an error.
+        for event in itertools.chain(parser.parse(body), parser.parse(b"")):
+            if isinstance(event, multipart.MultipartSegment):
+                segment, content = event, []
+            elif event is not None:
+                content.append(event)
+            else:
+                parts.append(_part(segment, b"".join(content)))
+    except multipart.MultipartError as exc:
+        raise ProxyError(f"The multipart/form-data body could not be read: {exc}.",
+                         code="invalid_multipart") from exc
+    parts.sort(key=lambda part: str(part["name"]))
     return parts
 
 
-def _boundary(content_type: str) -> bytes:
-    for param in content_type.split(";")[1:]:
-        name, _, value = param.strip().partition("=")
-        if name.lower() == "boundary" and value:
-            return value.strip('"').encode("latin-1")
-    raise ProxyError("multipart/form-data without a boundary parameter.", code="invalid_multipart")
+def _part(segment: Any, content: bytes) -> dict[str, Any]:
+    part: dict[str, Any] = {"name": segment.name}
+    declared_type = segment.header("Content-Type")
+    if segment.filename is None and not _names_a_file(segment.header("Content-Disposition", "")):
+        try:
+            part["value"] = content.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            if declared_type is not None:
+                part["content_type"] = declared_type
+            return part
+    part.update(sha256=hashlib.sha256(content).hexdigest(), size=len(content),
+                content_type=declared_type)
+    return part
 
 
-def _part_headers(head: bytes) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for line in head.decode("utf-8", "replace").split("\r\n"):
-        name, colon, value = line.partition(":")
-        if colon:
-            headers[name.strip().lower()] = value.strip()
-    return headers
+def _names_a_file(disposition: str) -> bool:
+    """Whether a Content-Disposition names a file in any form, `filename*=` (RFC 5987/2231)
+    included, which the multipart parser leaves aside."""
+    header = Message()
+    header["content-disposition"] = disposition
+    return header.get_param("filename", header="content-disposition") is not None
 
 
-def _disposition_param(disposition: str, wanted: str) -> str | None:
-    for param in disposition.split(";")[1:]:
-        name, _, value = param.strip().partition("=")
-        if name.strip().lower() == wanted:
-            return value.strip().strip('"')
-    return None
+def _boundary(content_type: str) -> str:
+    _, options = multipart.parse_options_header(content_type)
+    boundary = options.get("boundary", "")
+    # RFC 2046: 1 to 70 characters, all printable ASCII; anything else is refused here rather
+    # than fail in the parser (a boundary=\xe9 arrives as a surrogate escape).
+    if not boundary or len(boundary) > 70 or not all(" " <= char <= "~" for char in boundary):
+        shown = "missing" if not boundary else f"{boundary!r} is not valid"
+        raise ProxyError(f"multipart/form-data needs a boundary parameter of 1 to 70 printable "
+                         f"ASCII characters ({shown}).", code="invalid_multipart")
+    return str(boundary)

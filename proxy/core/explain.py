@@ -67,7 +67,7 @@ def _view(canonical: Mapping[str, Any]) -> dict[str, Any]:
     """Body fields at the top level, where users know them (`temperature`, not `body.temperature`)."""
     view = {name: value for name, value in canonical.items() if name != "body"}
     body = canonical.get("body")
-    if isinstance(body, Mapping) and "multipart" not in body and "sha256" not in body:
+    if isinstance(body, Mapping) and "body_kind" not in canonical:  # a JSON object
         for name, value in body.items():
             view[name if name not in view else f"body.{name}"] = value
     else:

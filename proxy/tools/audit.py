@@ -18,6 +18,9 @@ from ..core.routes import RouteClass, route_class
 from ..core.sse import EventSplitter
 from ..server.recorder import body_recording, stream_recording
 
+# How cassettes recorded before `body_kind` existed spelled a multipart or binary body.
+_HASHED_BEFORE_BODY_KIND = ({"multipart"}, {"sha256", "size", "content_type"})
+
 
 @dataclass(frozen=True)
 class Upstreams:
@@ -41,7 +44,8 @@ def rebuild(entry: Entry, upstreams: Upstreams) -> tuple[str, str, dict[str, str
     """(method, url, headers, body) to re-send a recorded request, or why it cannot be."""
     request = entry.request
     body = request.get("body")
-    if isinstance(body, dict) and ("multipart" in body or "sha256" in body):
+    if request.get("body_kind") is not None or (
+            isinstance(body, dict) and set(body) in _HASHED_BEFORE_BODY_KIND):
         return "the request body is stored by hash only (multipart or binary)"
     provider = request.get("provider")
     base = upstreams.openai if provider == "openai" else upstreams.azure
