@@ -36,10 +36,10 @@ Each match becomes `[REDACTED]`; overlapping or touching matches become one.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
@@ -59,6 +59,7 @@ _SHAPES = re.compile(
     r"|Bearer\s+(?P<token>[A-Za-z0-9._~+/*\-]{20,}=*)"
     r")"
 )
+_SHORTEST_SHAPE = len("org-") + 16
 _UPPER = re.compile(r"[A-Z]")
 _LOWER = re.compile(r"[a-z]")
 _DIGIT = re.compile(r"[0-9]")
@@ -97,7 +98,7 @@ def secret_values(headers: Mapping[str, str], settings: Settings | None = None) 
 def scrub(data: bytes, secrets: Iterable[bytes] = ()) -> bytes:
     """`data` with every credential replaced by `[REDACTED]`; bytes that hold none are kept."""
     wanted = _as_text(secrets)
-    strings = _json_strings(data)
+    strings = _json_strings(data, with_places=False)
     pieces = [_text_piece(0, 0, data)] if strings is None else [piece for piece, _ in strings]
     return _apply([data], _edits([[piece] for piece in pieces], wanted))[0]
 
@@ -106,6 +107,7 @@ def scrub_stream(events: Sequence[bytes], secrets: Iterable[bytes] = ()) -> list
     """The raw events of one stream, scrubbed as the text they add up to (see the module's
     docstring for the rule); an event that holds no part of a credential is returned as is."""
     wanted = _as_text(secrets)
+    shortest = _shortest(wanted)
     channels: dict[Hashable, list[_Piece]] = {}
     alone: list[list[_Piece]] = []
     for number, raw in enumerate(events):
@@ -113,7 +115,7 @@ def scrub_stream(events: Sequence[bytes], secrets: Iterable[bytes] = ()) -> list
         strings = None
         if span is not None:
             start, end = span
-            strings = _json_strings(raw[start:end], number, start)
+            strings = _json_strings(raw[start:end], number, start, shortest=shortest)
         if span is None or strings is None:
             alone.append([_text_piece(number, 0, raw)])
             continue
@@ -163,8 +165,7 @@ def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-@dataclass(frozen=True)
-class _Piece:
+class _Piece(NamedTuple):  # a tuple: a stream makes one per string, and it is cheap to build
     """A run of text in one event (or body): plain bytes, or the inside of a JSON string."""
 
     event: int
@@ -199,30 +200,35 @@ def _text_piece(event: int, start: int, raw: bytes) -> _Piece:
     return _Piece(event, start, raw, raw.decode("utf-8", "surrogateescape"), escaped=False)
 
 
-def _json_strings(data: bytes, event: int = 0,
-                  start: int = 0) -> list[tuple[_Piece, Hashable | None]] | None:
-    """Every string of a JSON document, with its place in a stream (its event's distinguishing
-    fields and its JSON path; None for object keys, which never continue in a later event).
-    None when `data` is not a JSON object, array or string."""
+def _json_strings(data: bytes, event: int = 0, start: int = 0, with_places: bool = True,
+                  shortest: int = 0) -> list[tuple[_Piece, Hashable | None]] | None:
+    """The strings of a JSON document, with their place in a stream (the event's distinguishing
+    fields and the JSON path; None for object keys, which never continue in a later event).
+    Keys shorter than `shortest` (too short to hold a credential) are left out. None when
+    `data` is not a JSON object, array or string."""
     if data.lstrip()[:1] not in (b"{", b"[", b'"'):
         return None
     try:
         document = orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
-    pieces = []
-    for literal in _JSON_STRING.finditer(data):
+    literals = list(_JSON_STRING.finditer(data))
+    places: list[Hashable | None] = []
+    if with_places:
+        with contextlib.suppress(RecursionError):  # nested deeper than a path is worth following
+            places = list(_places(document, _stream_place(document), ()))
+    if len(places) != len(literals):  # or duplicate object keys: no path for each string
+        places = [None] * len(literals)
+        shortest = 0
+    found = []
+    for literal, place in zip(literals, places, strict=True):
         raw = literal.group(1)
+        if place is None and len(raw) < shortest:
+            continue
         escaped = b"\\" in raw
         text = orjson.loads(literal.group(0)) if escaped else raw.decode()
-        pieces.append(_Piece(event, start + literal.start(1), raw, text, escaped))
-    try:
-        places = list(_places(document, _stream_place(document), ()))
-    except RecursionError:  # nested deeper than a path is worth following
-        places = []
-    if len(places) != len(pieces):  # or duplicate object keys: no path for each string
-        return [(piece, None) for piece in pieces]
-    return list(zip(pieces, places, strict=True))
+        found.append((_Piece(event, start + literal.start(1), raw, text, escaped), place))
+    return found
 
 
 def _stream_place(document: Any) -> tuple[Any, ...]:
@@ -254,8 +260,11 @@ def _edits(texts: Iterable[list[_Piece]],
     """Per event, the byte ranges to replace and what with, for the credentials in each text
     (a list of pieces read as one)."""
     edits: dict[int, list[tuple[int, int, bytes]]] = {}
+    shortest = _shortest(secrets)
     for pieces in texts:
         whole = "".join(piece.text for piece in pieces)
+        if len(whole) < shortest:
+            continue
         for start, end in credential_spans(whole, secrets):
             replacement = REDACTED.encode()
             begins = 0
@@ -268,6 +277,13 @@ def _edits(texts: Iterable[list[_Piece]],
                     replacement = b""
                 begins = ends
     return edits
+
+
+def _shortest(secrets: list[str]) -> int:
+    """The length of the shortest credential there is to find: most strings of an answer ("id",
+    "object", a one-word delta) are shorter, and need no search."""
+    return min([_SHORTEST_SHAPE, *(len(secret) for secret in secrets
+                                   if len(secret) >= _MIN_SECRET)])
 
 
 def _apply(events: list[bytes], edits: dict[int, list[tuple[int, int, bytes]]]) -> list[bytes]:
