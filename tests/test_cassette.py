@@ -110,3 +110,49 @@ def test_an_unknown_drift_class_names_the_file() -> None:
     with pytest.raises(CassetteError) as caught:
         decode_entry(orjson.dumps(document), "cassettes/x/chat-k.json")
     assert "cassettes/x/chat-k.json" in caught.value.message
+
+
+_EVENT_PIECES = st.sampled_from([
+    b"data: ", b"event: response.output_text.delta\n", b"{", b"}", b'"a":1', b'"b":"x\\ny"',
+    b'"c":1.10', b',', b"\n", b"\n\n", b"\r\n", b"[DONE]", b" ", b"\xff", b'"\\u00e9"', b":",
+])
+
+
+@given(st.lists(_EVENT_PIECES, max_size=12).map(b"".join), st.floats(0, 1e6))
+def test_any_event_comes_back_byte_for_byte(raw: bytes, at_ms: float) -> None:
+    entry = Entry("k" * 64, "x", {}).add(Recording(200, {}, events=(SseEvent(at_ms, raw),)))
+    decoded = decode_entry(encode_entry(entry), "e.json")
+    assert decoded.recordings[0].events == (SseEvent(round(at_ms, 3), raw),)
+
+
+def test_json_events_are_stored_as_objects_and_the_rest_as_text() -> None:
+    events = (SseEvent(1.0, b'data: {"id":"c1","choices":[{"delta":{"content":"Hi"}}]}\n\n'),
+              SseEvent(2.0, b'event: response.completed\ndata: {"type":"response.completed"}\n\n'),
+              SseEvent(3.0, b'data: {"logprob":-0.1000}\n\n'),  # 0.1000 would not come back
+              SseEvent(4.0, b"data: [DONE]\n\n"))
+    entry = Entry("k" * 64, "x", {}).add(Recording(200, {}, events=events))
+    stored = orjson.loads(encode_entry(entry))["recordings"][0]["events"]
+    assert stored[0] == {"at_ms": 1.0, "data": {"id": "c1",
+                                               "choices": [{"delta": {"content": "Hi"}}]}}
+    assert stored[1] == {"at_ms": 2.0, "event": "response.completed",
+                         "data": {"type": "response.completed"}}
+    assert stored[2] == {"at_ms": 3.0, "raw": 'data: {"logprob":-0.1000}\n\n'}
+    assert stored[3] == {"at_ms": 4.0, "raw": "data: [DONE]\n\n"}
+    assert decode_entry(encode_entry(entry), "e.json").recordings[0].events == events
+
+
+def test_an_events_key_order_is_kept() -> None:
+    raw = b'data: {"z":1,"a":{"y":2,"b":3}}\n\n'
+    entry = Entry("k" * 64, "x", {}).add(Recording(200, {}, events=(SseEvent(0, raw),)))
+    text = encode_entry(entry).decode()
+    assert text.index('"z"') < text.index('"a"') and text.index('"y"') < text.index('"b"')
+
+
+@pytest.mark.parametrize("bad", [{"at_ms": 1, "data": [1]}, {"at_ms": 1, "data": {},
+                                                            "event": "a\nb"}])
+def test_a_malformed_event_names_the_file(bad: dict[str, object]) -> None:
+    document = orjson.loads(encode_entry(_entry()))
+    document["recordings"][1]["events"][0] = bad
+    with pytest.raises(CassetteError) as caught:
+        decode_entry(orjson.dumps(document), "cassettes/s/chat-k.json")
+    assert "cassettes/s/chat-k.json" in caught.value.message

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
+import uuid
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -114,6 +116,16 @@ def now_iso() -> str:
 def encode_entry(entry: Entry) -> bytes:
     # What was asked comes first, what was answered last; keys are sorted elsewhere for stable
     # diffs, except inside stored bodies, whose key order is part of the bytes replay returns.
+    events: list[list[dict[str, Any]]] = []
+    recordings = []
+    mark = f"events-{uuid.uuid4().hex}-{{}}"  # unguessable, so no stored string can be taken for it
+    for recording in entry.recordings:
+        # An event's data, like a body, keeps its key order: it is part of the replayed bytes.
+        encoded = sort_keys(_encode_recording(recording), keep={"body", "events"})
+        if "events" in encoded:
+            events.append(encoded["events"])
+            encoded["events"] = mark.format(len(events) - 1)
+        recordings.append(encoded)
     document: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "key": entry.key,
@@ -122,10 +134,18 @@ def encode_entry(entry: Entry) -> bytes:
         **({"extra": sort_keys(entry.extra)} if entry.extra else {}),
         "sequence": entry.sequence,
         "pinned_fingerprint": entry.pinned_fingerprint,
-        "recordings": [sort_keys(_encode_recording(recording), keep={"body"})
-                       for recording in entry.recordings],
+        "recordings": recordings,
     }
-    return orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n"
+    text = orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n"
+    # A stream is one line per event: a changed token is one changed line in a review, and the
+    # file stays smaller than the events' raw text (whose JSON would be escaped).
+    for index, stream in enumerate(events):
+        lines = b",\n        ".join(orjson.dumps(event) for event in stream)
+        laid_out = b"[\n        " + lines + b"\n      ]" if stream else b"[]"
+        placeholder = orjson.dumps(mark.format(index))
+        assert text.count(placeholder) == 1
+        text = text.replace(placeholder, laid_out)
+    return text
 
 
 def sort_keys(value: Any, keep: frozenset[str] | set[str] = frozenset()) -> Any:
@@ -221,15 +241,44 @@ def _decode_recording(item: dict[str, Any]) -> Recording:
     )
 
 
+# The shape of nearly every event the APIs send: an optional name line, one line of compact JSON.
+_EVENT = re.compile(rb"(?:event: ([A-Za-z0-9_.\-]+)\n)?data: (\{.*\})\n\n", re.S)
+
+
+def _event_text(name: str | None, data: Any) -> bytes:
+    head = f"event: {name}\n".encode() if name is not None else b""
+    return head + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
 def _encode_event(event: SseEvent) -> dict[str, Any]:
+    """An event as parsed JSON (`{"at_ms", "event"?, "data"}`) when encoding that again gives back
+    the exact bytes, so that a stream reads like a JSON answer in review; else its raw text."""
+    at_ms = round(event.at_ms, 3)
+    shaped = _EVENT.fullmatch(event.raw)
+    if shaped is not None:
+        try:
+            data = orjson.loads(shaped.group(2))
+        except orjson.JSONDecodeError:
+            data = None
+        name = shaped.group(1).decode() if shaped.group(1) is not None else None
+        if isinstance(data, dict) and _event_text(name, data) == event.raw:
+            return {"at_ms": at_ms, **({"event": name} if name is not None else {}),
+                    "data": data}
     try:
-        return {"at_ms": round(event.at_ms, 3), "raw": event.raw.decode("utf-8")}
+        return {"at_ms": at_ms, "raw": event.raw.decode("utf-8")}
     except UnicodeDecodeError:
-        return {"at_ms": round(event.at_ms, 3), "raw_base64": base64.b64encode(event.raw).decode()}
+        return {"at_ms": at_ms, "raw_base64": base64.b64encode(event.raw).decode()}
 
 
 def _decode_event(item: dict[str, Any]) -> SseEvent:
-    if "raw_base64" in item:
+    if "data" in item:
+        if not isinstance(item["data"], dict):
+            raise ValueError("an event's data must be a JSON object")
+        name = item.get("event")
+        if name is not None and not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.\-]+", name)):
+            raise ValueError(f"invalid event name {name!r}")
+        raw = _event_text(name, item["data"])
+    elif "raw_base64" in item:
         raw = base64.b64decode(item["raw_base64"], validate=True)
     else:
         raw = str(item["raw"]).encode("utf-8")
