@@ -46,7 +46,9 @@ def test_chat_stream_records_and_replays_chunk_for_chunk(make_proxy: ProxyFactor
     assert replayed_usage == with_usage and with_usage[-1].usage is not None
     stored = next(p for p in cassettes.rglob("chat.completions-*.json")
                   if "include_usage" not in p.read_text())
-    assert '"raw": "data: [DONE]\\n\\n"' in stored.read_text()
+    text = stored.read_text()
+    assert '{"at_ms":' in text and '"raw":"data: [DONE]\\n\\n"}' in text
+    assert '"object":"chat.completion.chunk"' in text  # the events' JSON, readable
     assert '"at_ms"' in stored.read_text()
 
 
