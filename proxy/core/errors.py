@@ -54,6 +54,15 @@ class UpstreamError(ProxyError):
     code = "upstream_unreachable"
 
 
+class StoreUnavailable(ProxyError):
+    """The shared store cannot be reached (a Redis node down, a connection pool exhausted).
+    Nothing was stored for the request; the same request succeeds once the store is back."""
+
+    status = 503
+    type = "store_error"
+    code = "store_unavailable"
+
+
 def error_body(message: str, type: str, code: str, param: str | None = None) -> bytes:
     payload: dict[str, Any] = {"message": message, "type": type, "param": param, "code": code}
     return orjson.dumps({"error": payload})
