@@ -11,9 +11,13 @@ from replay_proxy.core.modes import Mode
 from replay_proxy.core.settings import Settings
 from replay_proxy.tools.testing import (
     ProxyThread,
+    RedisClusterNodes,
     SimulatorThread,
+    TlsFiles,
     run_proxy,
     run_redis,
+    run_redis_cluster,
+    run_redis_tls,
     run_simulator,
 )
 
@@ -39,6 +43,48 @@ def redis_url(redis_server: str) -> str:
     client.flushdb()
     client.close()
     return redis_server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterNodes]:
+    """A real three-node Redis Cluster for the session (no replicas)."""
+    with run_redis_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterNodes) -> str:
+    """The cluster, emptied for one test: a `redis+cluster://` store URL."""
+    import redis
+
+    for port in redis_cluster.ports:
+        client = redis.Redis(port=port)
+        client.flushall()
+        client.close()
+    return redis_cluster.url
+
+
+# A password that looks like one, so the tests can search for it everywhere it must not be.
+REDIS_PASSWORD = "pw-TESTREDISsecret/Do+Not:Show42"
+
+
+@pytest.fixture(scope="session")
+def redis_tls_server() -> Iterator[tuple[str, TlsFiles]]:
+    """A redis-server that speaks only TLS, wants a client certificate, a user and password."""
+    with run_redis_tls("replay-team", REDIS_PASSWORD) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_tls_url(redis_tls_server: tuple[str, TlsFiles]) -> str:
+    """The TLS server, emptied for one test: a `rediss://user:password@...` store URL."""
+    import redis
+
+    url = redis_tls_server[0]
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
 
 
 @pytest.fixture

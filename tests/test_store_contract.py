@@ -16,10 +16,16 @@ BACKENDS: dict[str, Callable[[Path], str]] = {
 }
 
 
-@pytest.fixture(params=[*sorted(BACKENDS), "redis"])
+# Redis backends, each a fixture giving a clean store URL: one server, a three-node cluster,
+# and one server over TLS with a client certificate, a user and a password.
+REDIS_BACKENDS = {"redis": "redis_url", "redis-cluster": "redis_cluster_url",
+                  "redis-tls": "redis_tls_url"}
+
+
+@pytest.fixture(params=[*sorted(BACKENDS), *REDIS_BACKENDS])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    if request.param == "redis":
-        spec = request.getfixturevalue("redis_url")
+    if request.param in REDIS_BACKENDS:
+        spec = request.getfixturevalue(REDIS_BACKENDS[request.param])
     else:
         spec = BACKENDS[request.param](tmp_path)
     backend = open_store(spec)
