@@ -1,0 +1,120 @@
+"""Redis under load and faults: hundreds of concurrent requests per proxy wait for a pooled
+connection rather than fail, and a key lock whose holder was killed is free within seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx2
+import orjson
+import pytest
+from replay_proxy.store import open_store
+from replay_proxy.store.redis_store import LEASE_MS
+from replay_proxy.tools.testing import SimulatorThread, run_proxy_process
+
+HEADERS = {"Authorization": "Bearer sk-x", "Content-Type": "application/json"}
+CONCURRENT = 300
+
+
+def chat(seed: int) -> bytes:
+    return orjson.dumps({"model": "gpt-4o-mini", "seed": seed,
+                         "messages": [{"role": "user", "content": "Load?"}]})
+
+
+async def burst(requests: list[tuple[str, bytes]]) -> list[httpx2.Response]:
+    """Every request at once, each on its own connection."""
+    limits = httpx2.Limits(max_connections=len(requests), max_keepalive_connections=0)
+    async with httpx2.AsyncClient(timeout=60, limits=limits) as client:
+        return await asyncio.gather(*(client.post(url, content=body, headers=HEADERS)
+                                      for url, body in requests))
+
+
+def statuses(responses: list[httpx2.Response]) -> dict[tuple[int, str], int]:
+    counted: dict[tuple[int, str], int] = {}
+    for response in responses:
+        seen = (response.status_code, response.headers.get("x-replay-status", ""))
+        counted[seen] = counted.get(seen, 0) + 1
+    return counted
+
+
+@pytest.mark.load
+@pytest.mark.parametrize(("backend", "options", "proxies"), [
+    ("redis_url", "", 1),
+    ("redis_url", "", 2),
+    # Two connections for 300 concurrent requests: every store call waits its turn.
+    ("redis_url", "?max_connections=2&pool_timeout=30", 1),
+    ("redis_cluster_url", "", 2),
+    ("redis_cluster_url", "?max_connections=2&pool_timeout=30", 1),
+], ids=["redis-1-proxy", "redis-2-proxies", "redis-tiny-pool", "cluster-2-proxies",
+        "cluster-tiny-pool"])
+async def test_300_concurrent_requests_per_proxy_all_succeed(
+        request: pytest.FixtureRequest, backend: str, options: str, proxies: int,
+        simulator: SimulatorThread, tmp_path: Path) -> None:
+    store = request.getfixturevalue(backend) + options
+    common = ("--store", store, "--cassettes", str(tmp_path))
+    path = "/c/load/v1/chat/completions"
+    with ExitStack() as stack:
+        urls = [stack.enter_context(run_proxy_process(
+            "--mode", "record", "--openai-upstream", simulator.url, *common))[0]
+            for _ in range(proxies)]
+        recorded = await burst([(url + path, chat(number * CONCURRENT + seed))
+                                for number, url in enumerate(urls)
+                                for seed in range(CONCURRENT)])
+    assert statuses(recorded) == {(200, "recorded"): CONCURRENT * proxies}
+    # Fresh proxies remember nothing: every hit reads the store.
+    with ExitStack() as stack:
+        urls = [stack.enter_context(run_proxy_process("--mode", "replay", *common))[0]
+                for _ in range(proxies)]
+        replayed = await burst([(url + path, chat(number * CONCURRENT + seed))
+                                for number, url in enumerate(urls)
+                                for seed in range(CONCURRENT)])
+    assert statuses(replayed) == {(200, "hit"): CONCURRENT * proxies}
+    assert [r.content for r in replayed] == [r.content for r in recorded]
+
+
+HOLDER = """
+import asyncio, sys
+from replay_proxy.store import open_store
+
+async def main():
+    store = open_store(sys.argv[1])
+    async with store.lock("locked", "k" * 64):
+        print("held", flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("backend", ["redis_url", "redis_cluster_url"])
+async def test_a_killed_lock_holder_frees_its_key_within_seconds(
+        request: pytest.FixtureRequest, backend: str) -> None:
+    url = request.getfixturevalue(backend)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url], stdout=subprocess.PIPE)
+    store = open_store(url)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        # Alive, the holder renews its lease: the key stays locked past the lease's length.
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(LEASE_MS / 1000 * 1.5):
+                async with store.lock("locked", "k" * 64):
+                    pytest.fail("took a lock that its live holder still renews")
+        holder.kill()  # kill -9: no release, no goodbye
+        holder.wait()
+        loop = asyncio.get_running_loop()
+        killed = loop.time()
+        async with asyncio.timeout(8):  # a few seconds, not a 30-second lock's life
+            async with store.lock("locked", "k" * 64):
+                waited = loop.time() - killed
+        assert waited <= LEASE_MS / 1000 + 1
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+        await store.close()
