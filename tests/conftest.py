@@ -64,6 +64,29 @@ def redis_cluster_url(redis_cluster: RedisClusterNodes) -> str:
     return redis_cluster.url
 
 
+@pytest.fixture(scope="session")
+def valkey_cluster() -> Iterator[RedisClusterNodes]:
+    """A three-node Valkey cluster, where Valkey is installed (scripts/test installs Debian's
+    valkey-server where the distribution has it)."""
+    import shutil
+
+    if shutil.which("valkey-server") is None or shutil.which("valkey-cli") is None:
+        pytest.skip("valkey-server is not installed")
+    with run_redis_cluster(binary="valkey-server", cli="valkey-cli") as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def valkey_cluster_url(valkey_cluster: RedisClusterNodes) -> str:
+    import redis
+
+    for port in valkey_cluster.ports:
+        client = redis.Redis(port=port)
+        client.flushall()
+        client.close()
+    return valkey_cluster.url
+
+
 # A password that looks like one, so the tests can search for it everywhere it must not be.
 REDIS_PASSWORD = "pw-TESTREDISsecret/Do+Not:Show42"
 

@@ -17,9 +17,10 @@ BACKENDS: dict[str, Callable[[Path], str]] = {
 
 
 # Redis backends, each a fixture giving a clean store URL: one server, a three-node cluster,
-# and one server over TLS with a client certificate, a user and a password.
+# one server over TLS with a client certificate, a user and a password, and a Valkey cluster
+# (skipped where valkey-server is not installed).
 REDIS_BACKENDS = {"redis": "redis_url", "redis-cluster": "redis_cluster_url",
-                  "redis-tls": "redis_tls_url"}
+                  "redis-tls": "redis_tls_url", "valkey-cluster": "valkey_cluster_url"}
 
 
 @pytest.fixture(params=[*sorted(BACKENDS), *REDIS_BACKENDS])
