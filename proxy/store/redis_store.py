@@ -269,6 +269,7 @@ class RedisStore:
         if isinstance(exc, TimeoutError) and not str(exc):  # a bound of _call ran out
             text = "no free connection or no answer in time"
         password = self.target.password
+        text = text.rstrip(".")
         return text.replace(password, "***") if password else text
 
 
