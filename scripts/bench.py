@@ -11,12 +11,16 @@ rounds interleaved A B A B so that the machine's noise falls on every server ali
 5. mitmproxy's server replay of the same exchange, the best-known peer;
 6. scale: a cassette of 100,000 recordings against one of 100, start-up time and RSS;
 7. sse: the stream splitter alone, in-process, on one huge event fed in small chunks
-   (`--only sse` needs no servers).
+   (`--only sse` needs no servers);
+8. fleet: two proxies on one three-node Redis Cluster against one proxy on one Redis: hit
+   throughput, first-hit latency (the store read), and upstream calls for a burst of
+   identical misses spread over the proxies (single-flight across them).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -38,11 +42,11 @@ import orjson
 from replay_proxy.core.canonical import IncomingRequest, KeyPolicy, canonical_request, request_key
 from replay_proxy.core.cassette import Entry, Recording, encode_entry
 from replay_proxy.core.providers import parse_route
-from replay_proxy.tools.testing import free_port, run_redis
+from replay_proxy.tools.testing import free_port, run_redis, run_redis_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-SECTIONS = ["throughput", "record", "streaming", "scale", "sse"]
+SECTIONS = ["throughput", "record", "streaming", "scale", "sse", "fleet"]
 PROMPT = "Summarise the plot of a long novel in plain words."
 NAIVE_FORWARDER = """
 import sys
@@ -384,6 +388,8 @@ def main() -> int:
                 results["scale"] = measure_scale(work, body, args)
             if "sse" in args.only:
                 results["sse"] = measure_sse()
+            if "fleet" in args.only:
+                results["fleet"] = measure_fleet(work, simulator, body, path, args)
             if args.profile:
                 results["profile"] = profile_replay(work, body, path, args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -681,6 +687,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += markdown_scale(results["scale"])
     if "sse" in results:
         lines += markdown_sse(results["sse"])
+    if "fleet" in results:
+        lines += markdown_fleet(results["fleet"])
     if results.get("profile"):
         lines += ["## Profile of a replay hit under load (py-spy, inclusive share)", ""]
         if results.get("profile_command"):  # profiled in a later run than the tables above
@@ -733,6 +741,156 @@ def markdown_scale(scale: dict[str, Any]) -> list[str]:
             "Cold hits by store (first request for each of 100 keys, a fresh proxy each, p50 ms): "
             + ", ".join(f"{name} {value:.3f}" for name, value in
                         scale["cold_by_store_p50_ms"].items()) + ".", ""]
+
+
+# ---- fleet: proxies sharing Redis ------------------------------------------------------------
+
+FLEET_SETUPS = {"redis": "one proxy, one Redis", "cluster": "two proxies, one 3-node cluster"}
+
+
+def measure_fleet(work: Path, simulator: Server, body: bytes, path: str,
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """One proxy on one Redis against two proxies sharing one three-node Redis Cluster, every
+    measure taken for both in the same round, the order reversed every other round."""
+    from replay_proxy.core.cassette import decode_entry
+
+    cold_count = 40 if args.quick else 100
+    bursts = 100 if args.quick else 300
+    template = next(entry for entry in (
+        decode_entry(p.read_bytes(), str(p))
+        for p in (work / "cassettes" / "bench").glob("chat.completions-*.json"))
+        if entry.recordings[0].events is None).recordings[0]
+    build_scale_cassettes(work / "fleet", template, {"fleet-cold": cold_count})
+    with run_redis_cluster() as cluster:
+        stores = {"redis": args.redis_url + "?prefix=fleet", "cluster": cluster.url}
+        for spec in stores.values():
+            for source in (work / "cassettes", work / "fleet"):
+                subprocess.run([PY, "-m", "replay_proxy", "export", "--from", str(source),
+                                "--to", spec], check=True, capture_output=True)
+
+        def proxies(setup: str, *extra: str) -> list[Server]:
+            count = 1 if setup == "redis" else 2
+            ports = [free_port() for _ in range(count)]
+            return [Server(f"{setup}-{port}", proxy_command(
+                port, "--cassettes", str(work / "fleet-cassettes"), "--store", stores[setup],
+                *extra), port) for port in ports]
+
+        hot = {setup: proxies(setup, "--mode", "replay") for setup in stores}
+        with running(*hot["redis"], *hot["cluster"]):
+            for servers in hot.values():
+                for server in servers:
+                    wrk(server.url + path, body, 0.5, args.connections)
+
+            def hits(setup: str) -> dict[str, float]:
+                """wrk on every proxy of the setup at once, the connections shared out."""
+                servers = hot[setup]
+                share = max(1, args.connections // len(servers))
+                rows: list[dict[str, float]] = []
+                threads = [threading.Thread(target=lambda url=server.url: rows.append(
+                    wrk(url + path, body, args.duration, share))) for server in servers]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                return {"rps": sum(row["rps"] for row in rows),
+                        "p50_ms": max(row["p50_ms"] for row in rows),
+                        "p99_ms": max(row["p99_ms"] for row in rows)}
+
+            throughput = interleave({setup: (lambda setup=setup: hits(setup))
+                                     for setup in stores}, args.rounds)
+
+        def first_hits(setup: str) -> dict[str, float]:
+            """Fresh proxies, each key asked for the first time: every answer read from the
+            store, the keys dealt out over the proxies in turn."""
+            servers = proxies(setup, "--mode", "replay")
+            with running(*servers):
+                times: list[float] = []
+                bodies = [chat_body(seed, 8) for seed in range(cold_count)]
+                for index, server in enumerate(servers):
+                    times += sequential_ms(server.port, "/c/fleet-cold/v1/chat/completions",
+                                           bodies[index::len(servers)])
+            return {"p50_ms": statistics.median(times), "p99_ms": percentile(times, 0.99)}
+
+        cold = interleave({setup: (lambda setup=setup: first_hits(setup)) for setup in stores},
+                          args.rounds)
+        recorders = {setup: proxies(setup, "--mode", "record", "--openai-upstream",
+                                    simulator.url) for setup in stores}
+        seeds = iter(range(900_000, 1_000_000))
+
+        def burst(setup: str) -> dict[str, float]:
+            """`bursts` identical new requests at once, dealt out over the proxies."""
+            servers = recorders[setup]
+            before = sum(_upstream_calls(server) for server in servers)
+            request = chat_body(next(seeds), 8)
+            started = time.perf_counter()
+            statuses = asyncio.run(_burst([server.url + "/c/fleet-burst/v1/chat/completions"
+                                           for server in servers], request, bursts))
+            elapsed = (time.perf_counter() - started) * 1000
+            assert statuses == [200] * bursts, sorted(set(statuses))
+            return {"upstream_calls": sum(_upstream_calls(server) for server in servers) - before,
+                    "wall_ms": elapsed}
+
+        _simulator_latency(simulator, 0.2)  # every request of a burst arrives during the call
+        try:
+            with running(*recorders["redis"], *recorders["cluster"]):
+                single_flight = interleave({setup: (lambda setup=setup: burst(setup))
+                                            for setup in stores}, args.rounds)
+        finally:
+            _simulator_latency(simulator, 0.0)
+    return {"setups": FLEET_SETUPS, "hits": throughput, "first_hits": cold,
+            "single_flight": single_flight, "cold_keys": cold_count, "burst": bursts,
+            "cluster_vs_redis": paired_ratio(throughput, "cluster", "redis")}
+
+
+async def _burst(urls: list[str], body: bytes, count: int) -> list[int]:
+    import aiohttp
+
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one(url: str) -> int:
+            async with session.post(url, data=body, headers=headers) as response:
+                await response.read()
+                return response.status
+
+        return list(await asyncio.gather(*(one(urls[n % len(urls)]) for n in range(count))))
+
+
+def _upstream_calls(server: Server) -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(server.url + "/_replay/stats", timeout=10) as answer:
+        return int(json.load(answer)["totals"].get("upstream_calls", 0))
+
+
+def _simulator_latency(simulator: Server, seconds: float) -> None:
+    import urllib.request
+
+    request = urllib.request.Request(simulator.url + "/_sim/state", method="POST",
+                                     data=json.dumps({"latency": seconds}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10):
+        pass
+
+
+def markdown_fleet(fleet: dict[str, Any]) -> list[str]:
+    lines = ["## Fleet: proxies sharing Redis", "",
+             "| setup | hit requests/s | hit p99 ms | first hit p50 ms | first hit p99 ms | "
+             f"upstream calls per burst of {fleet['burst']} identical misses | burst ms |",
+             "|---|---|---|---|---|---|---|"]
+    for setup, label in fleet["setups"].items():
+        hits, cold = fleet["hits"][setup], fleet["first_hits"][setup]
+        flight = fleet["single_flight"][setup]
+        lines.append(f"| {label} | {hits['rps']:,.0f} | {hits['p99_ms']:.2f} | "
+                     f"{cold['p50_ms']:.2f} | {cold['p99_ms']:.2f} | "
+                     f"{flight['upstream_calls']:.0f} | {flight['wall_ms']:.0f} |")
+    lines += ["", f"Hits, two proxies on the cluster / one proxy on Redis: "
+              f"{fleet['cluster_vs_redis']:.2f}x (median of back-to-back pairs; the client's "
+              "connections shared out over the proxies). First hits: "
+              f"{fleet['cold_keys']} keys, each asked once of a fresh proxy, so each answer is "
+              "read from the store. Bursts: identical new requests all at once, dealt out over "
+              "the proxies, against an upstream that takes 200 ms.", ""]
+    return lines
 
 
 if __name__ == "__main__":
