@@ -182,8 +182,8 @@ class RedisStore:
             yield
         finally:
             renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewal
+            # Whatever stopped the renewals, the lease ends below or runs out by itself.
+            await asyncio.gather(renewal, return_exceptions=True)
             try:
                 async with self._call(cassette):
                     await self._client.eval(_RELEASE, 1, name, token)
@@ -266,6 +266,8 @@ class RedisStore:
 
     def _reason(self, exc: BaseException) -> str:
         text = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+        if isinstance(exc, redis_errors.MovedError) and not self.target.cluster:
+            text += "; this Redis is a cluster: use redis+cluster:// (or cluster=true)"
         if isinstance(exc, TimeoutError) and not str(exc):  # a bound of _call ran out
             text = "no free connection or no answer in time"
         password = self.target.password

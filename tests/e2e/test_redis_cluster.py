@@ -234,3 +234,19 @@ def test_cluster_url_forms(redis_cluster: RedisClusterNodes, redis_cluster_url: 
 def _entry() -> Entry:
     return Entry("a" * 64, "chat.completions", {"route": "chat/completions"}).add(
         Recording(200, {"content-type": "application/json"}, body=b"{}"))
+
+
+async def test_a_cluster_named_as_one_server_says_to_use_the_cluster_url(
+        redis_cluster: RedisClusterNodes, redis_cluster_url: str) -> None:
+    """The symptom that a plain client meets on a cluster, MOVED, names the fix."""
+    from replay_proxy.core.errors import StoreUnavailable
+
+    port = redis_cluster.ports[0]
+    elsewhere = next(f"suite-{n}" for n in range(50)
+                     if redis_cluster.slot_owner(key_slot(f"suite-{n}".encode())) != port)
+    store = open_store(f"redis://127.0.0.1:{port}/0")
+    try:
+        with pytest.raises(StoreUnavailable, match=r"use redis\+cluster://"):
+            await store.get(elsewhere, "a" * 64, "chat.completions")
+    finally:
+        await store.close()
