@@ -15,6 +15,25 @@ _SHOWN = 60  # characters of context kept around the first difference of two str
 
 
 @dataclass(frozen=True)
+class OptionSpelling:
+    """How the user in front of the proxy sets an option, so that advice names what they type:
+    `--mode record` to a command-line user, `--replay-mode record` to a pytest user."""
+
+    prefix: str = "--"
+    runner: str = "the proxy"
+
+    def flag(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def __call__(self, name: str, value: str) -> str:
+        return f"{self.flag(name)} {value}"
+
+
+COMMAND_LINE = OptionSpelling()
+PYTEST_OPTIONS = OptionSpelling("--replay-", "pytest")
+
+
+@dataclass(frozen=True)
 class Difference:
     path: str
     recorded: Any
@@ -81,7 +100,8 @@ def _score(found: tuple[Difference, ...]) -> tuple[int, int]:
 
 
 def explain_miss(cassette: str, canonical: Mapping[str, Any], key: str,
-                 candidates: Iterable[tuple[str, str, Mapping[str, Any]]]) -> str:
+                 candidates: Iterable[tuple[str, str, Mapping[str, Any]]],
+                 say: OptionSpelling = COMMAND_LINE) -> str:
     route = f"{canonical.get('method')} {canonical.get('route')}"
     where = f" (deployment {canonical['deployment']})" if canonical.get("deployment") else ""
     head = (f"Replay miss: cassette '{cassette}' has no recording for {route}{where} "
@@ -96,27 +116,30 @@ def explain_miss(cassette: str, canonical: Mapping[str, Any], key: str,
             shown += f"; and {more} more"
         tail = (f" Nearest recorded request: {best.label} (key {best.key[:16]}), which differs in "
                 f"{len(best.differences)} field(s): {shown}.")
-    advice = (" To record it, run the proxy with --mode record (or unset CI for --mode auto); to"
-              " ignore a field that should not matter, pass --ignore-field NAME.")
+    advice = (f" To record it, run {say.runner} with {say('mode', 'record')} (or unset CI for "
+              f"{say('mode', 'auto')}); to ignore a field that should not matter, pass "
+              f"{say('ignore-field', 'NAME')}.")
     return head + tail + advice
 
 
 def explain_fingerprint(cassette: str, method: str, route: str, key: str,
-                        reason: FingerprintNotRecorded) -> str:
+                        reason: FingerprintNotRecorded, say: OptionSpelling = COMMAND_LINE) -> str:
     known = ", ".join(str(fingerprint) for fingerprint in reason.recorded)
     return (f"Replay miss: cassette '{cassette}' has key {key[:16]} for {method} {route}, but "
             f"no recording has fingerprint {reason.wanted}; recorded: {known}. Choose a recorded "
-            "fingerprint, or drop the X-Replay-Fingerprint header / --fingerprint value.")
+            "fingerprint, or drop the X-Replay-Fingerprint header / "
+            f"{say.flag('fingerprint')} value.")
 
 
 def explain_exhausted(cassette: str, route: str, key: str, session: str,
-                      reason: SequenceExhausted) -> str:
+                      reason: SequenceExhausted, say: OptionSpelling = COMMAND_LINE) -> str:
     position = reason.position
     return (f"Replay miss: cassette '{cassette}' key {key[:16]}: this is the "
             f"{ordinal(position.occurrence)} identical {reason.method} {route} in session "
             f"'{session}'; {position.recorded} recorded. The code under test makes this request "
-            "more often than when it was recorded. To record the extra answer, run with --mode "
-            "record (it is stored as the next in the sequence). If the flow runs again on "
+            "more often than when it was recorded. To record the extra answer, run "
+            f"{say.runner} with {say('mode', 'record')} (it is stored as the next in the "
+            "sequence). If the flow runs again on "
             "purpose, start the session again between runs (POST /_replay/reset) or give each "
             "run a session of its own (X-Replay-Session: <id>).")
 

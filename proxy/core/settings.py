@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .canonical import KeyPolicy
+from .explain import COMMAND_LINE, OptionSpelling
 from .modes import Mode
 from .routes import SequencePolicy
 
@@ -55,6 +56,8 @@ class Settings:
     sequence: SequencePolicy = SequencePolicy.STATEFUL
     # One run (and default session) shared by every worker of one `serve`; None: a new one.
     run_id: str | None = None
+    # How advice in a miss names an option: the flag to the CLI's user, the option to pytest's.
+    option_spelling: OptionSpelling = COMMAND_LINE
 
     @property
     def store_spec(self) -> str:

@@ -46,6 +46,7 @@ from ..core.scrub import secret_values
 from ..core.settings import Settings
 from ..store import open_store
 from ..store.state_dir import state_dir
+from . import access_log
 from .flights import Flight, FlightCut
 from .recorder import Exchange, pump, replay_headers
 from .serving import loop_name
@@ -91,8 +92,10 @@ class ReplayProxy:
             return web.BaseRequest(message, payload, protocol, writer, task, loop,
                                    client_max_size=max_body)
 
-        # The handler is _handle itself: no wrapper coroutine on the path of every request.
-        return web.Server(functools.partial(_handle, self.state), request_factory=make_request,
+        # The handler is _handle itself, no wrapper coroutine on the path of every request, unless
+        # info logging asks for one line per request.
+        handler = access_log.wrap(functools.partial(_handle, self.state))
+        return web.Server(handler, request_factory=make_request,
                           access_log=None,
                           max_field_size=_MAX_HEADER_BYTES, max_line_size=_MAX_HEADER_BYTES)
 
@@ -304,19 +307,20 @@ def _joined_sequence(flight: Flight) -> bool:
 async def _miss_error(state: ProxyState, miss: Miss, cassette: str, session: str,
                       canonical: dict[str, Any], key: str, route: Route) -> ReplayMiss:
     reason = miss.reason
+    say = state.settings.option_spelling
     match reason:
         case NotRecorded():
             candidates = [
                 (item.label, item.key, item.entry.request)
                 for item in await state.store.items(cassette) if item.entry is not None
             ]
-            return ReplayMiss(explain_miss(cassette, canonical, key, candidates))
+            return ReplayMiss(explain_miss(cassette, canonical, key, candidates, say))
         case FingerprintNotRecorded():
             return ReplayMiss(explain_fingerprint(cassette, str(canonical.get("method")),
-                                                  route.route, key, reason),
+                                                  route.route, key, reason, say),
                               code="fingerprint_not_recorded")
         case SequenceExhausted():
-            return ReplayMiss(explain_exhausted(cassette, route.route, key, session, reason),
+            return ReplayMiss(explain_exhausted(cassette, route.route, key, session, reason, say),
                               code="sequence_exhausted")
         case _:
             assert_never(reason)
