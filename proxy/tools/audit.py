@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,7 +99,9 @@ async def fetch(session: aiohttp.ClientSession, method: str, url: str, headers: 
 
 
 async def verify(items: Sequence[tuple[str, Entry]], upstreams: Upstreams,
-                 concurrency: int = 4) -> list[Verdict]:
+                 concurrency: int = 4, done: Callable[[], object] = lambda: None
+                 ) -> list[Verdict]:
+    """Re-send each entry's request; `done` is called as each key is settled (progress)."""
     limit = asyncio.Semaphore(concurrency)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -126,7 +128,12 @@ async def verify(items: Sequence[tuple[str, Entry]], upstreams: Upstreams,
                                                 fingerprints.answer_text(fresh))
             return Verdict(cassette, entry.key, route, result.value, detail, fresh)
 
-        return list(await asyncio.gather(*(one(c, e) for c, e in items)))
+        async def counted(cassette: str, entry: Entry) -> Verdict:
+            verdict = await one(cassette, entry)
+            done()
+            return verdict
+
+        return list(await asyncio.gather(*(counted(c, e) for c, e in items)))
 
 
 @dataclass(frozen=True)
@@ -145,7 +152,8 @@ class ProbeResult:
 
 async def probe(base_url: str, api_key: str, model: str, prompt: str, n: int,
                 seed: int | None, temperature: float | None,
-                max_tokens: int | None = None) -> ProbeResult:
+                max_tokens: int | None = None, done: Callable[[], object] = lambda: None
+                ) -> ProbeResult:
     """Send one chat request n times at once, straight to the base URL, with no cache."""
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": prompt}]}
     if seed is not None:
@@ -160,7 +168,9 @@ async def probe(base_url: str, api_key: str, model: str, prompt: str, n: int,
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         async def one() -> Recording:
-            return await fetch(session, "POST", url, headers, orjson.dumps(body))
+            recording = await fetch(session, "POST", url, headers, orjson.dumps(body))
+            done()
+            return recording
 
         recordings = await asyncio.gather(*(one() for _ in range(n)))
     failed = [r for r in recordings if r.status != 200]

@@ -5,23 +5,22 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 import orjson
 from aiohttp import web
 
-from ..core.canonical import KeyPolicy
 from ..core.cassette import Drift, Entry, encode_entry
-from ..core.errors import ProxyError
 from ..core.modes import Mode, resolve_mode
-from ..core.providers import validate_cassette_name
-from ..core.routes import SequencePolicy
-from ..core.settings import DEFAULT_MAX_BODY, DEFAULT_PORT, OPENAI_UPSTREAM, ReplayTiming, Settings
+from ..core.settings import OPENAI_UPSTREAM, Settings
 from ..server import serving
 from ..server.usage import last_used, new_run_id, read_runs, read_usage, used_since
 from ..store import StoredItem, open_store
@@ -29,13 +28,41 @@ from ..store.state_dir import state_dir
 from .audit import Upstreams, Verdict
 from .audit import probe as probe_upstream
 from .audit import verify as verify_entries
+from .configuration import (
+    SHARED_OPTIONS,
+    default_maps,
+    find_config,
+    read_config,
+    serve_options,
+    settings_from,
+    with_environment,
+)
 from .report import DRIFTS, collapse, drift_rows, ls_row, show_text, table, totals
+from .run import run_command, summary_text
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="replay-proxy")
-def main() -> None:
-    """Record OpenAI and Azure OpenAI calls once, replay them forever."""
+@click.option("--config", "config_path", envvar="REPLAY_PROXY_CONFIG", show_envvar=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Read options from this TOML file instead of the nearest replay-proxy.toml "
+                   "or pyproject.toml [tool.replay-proxy].")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None) -> None:
+    """Record OpenAI and Azure OpenAI calls once, replay them forever.
+
+    Options of serve and run can also be set in [tool.replay-proxy] of the nearest
+    pyproject.toml (or a replay-proxy.toml) and as REPLAY_PROXY_<OPTION> variables; a flag
+    beats the environment, which beats the file.
+    """
+    config = (read_config(config_path) if config_path is not None
+              else find_config(Path.cwd()))
+    commands = main.commands.items()
+    ctx.default_map = default_maps(config, {name: command.params for name, command in commands})
+    ctx.meta[_CONFIG_KEY] = config
+
+
+_CONFIG_KEY = "replay_proxy.config"
 
 
 def _is_loopback(host: str) -> bool:
@@ -47,121 +74,120 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _cassette_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
-    try:
-        return validate_cassette_name(value)
-    except ProxyError as exc:
-        raise click.BadParameter(exc.message) from exc
-
-
-def _timing(_ctx: click.Context, _param: click.Parameter, value: str) -> ReplayTiming:
-    try:
-        return ReplayTiming.parse(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
-
-
-@main.command()
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind. Anything but loopback requires --auth-token.")
-@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int)
-@click.option("--mode", type=click.Choice([m.value for m in Mode]), default="auto",
-              show_default=True, help="auto = replay when CI is true, else record.")
-@click.option("--cassettes", type=click.Path(path_type=Path), default=Path("cassettes"),
-              show_default=True, help="Root folder of the cassettes.")
-@click.option("--cassette", "default_cassette", default="default", show_default=True,
-              callback=_cassette_name, help="Cassette for requests that name none.")
-@click.option("--openai-upstream", default=OPENAI_UPSTREAM, show_default=True)
-@click.option("--azure-upstream", envvar="AZURE_OPENAI_ENDPOINT", default=None,
-              help="Your Azure OpenAI endpoint [env: AZURE_OPENAI_ENDPOINT].")
-@click.option("--store", default=None,
-              help="Where recordings live: a directory (default: --cassettes) or diskcache:PATH.")
-@click.option("--record-errors", is_flag=True,
-              help="Also store non-2xx answers (never 5xx, 429 or timeouts).")
-@click.option("--ignore-field", multiple=True, help="Body field left out of the key (repeatable).")
-@click.option("--match-field", multiple=True,
-              help="Body field put back into the key, e.g. user (repeatable).")
-@click.option("--match-header", multiple=True, help="Request header made part of the key.")
-@click.option("--max-body", default=DEFAULT_MAX_BODY, show_default=True, type=int,
-              help="Largest request body accepted, in bytes (larger: 413).")
-@click.option("--fingerprint", default="pinned", show_default=True,
-              help="Which recording to replay: pinned, latest, or a system_fingerprint value.")
-@click.option("--replay-timing", default="none", show_default=True, callback=_timing,
-              help="Stream replay pace: none, recorded, or a speed such as 2x.")
-@click.option("--inject-seed", type=int, default=None,
-              help="Add seed N to chat/completions requests without one (changes their key).")
-@click.option("--openai-api-key", envvar="OPENAI_API_KEY", default=None, show_envvar=True,
-              help="Key the proxy sends upstream instead of the client's.")
-@click.option("--azure-api-key", envvar="AZURE_OPENAI_API_KEY", default=None, show_envvar=True)
-@click.option("--auth-token", envvar="REPLAY_PROXY_AUTH_TOKEN", default=None,
-              help="Token clients must present as their API key; required off loopback.")
-@click.option("--upstream-timeout", default=600.0, show_default=True, type=float,
-              help="Seconds to wait for upstream data before answering 504.")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="Processes serving the same port (SO_REUSEPORT), sharing the store.")
-@click.option("--loop", "loop_choice", type=click.Choice(serving.LOOPS), default="auto",
-              show_default=True, help="Event loop: auto takes uvloop when it is installed.")
-@click.option("--sequence", type=click.Choice([policy.value for policy in SequencePolicy]),
-              default=SequencePolicy.STATEFUL.value, show_default=True,
-              help="Which keys replay their recordings in order (the n-th identical request gets "
-                   "the n-th answer): stateful routes (files, batches, polls, ...), all routes, "
-                   "or none.")
-def serve(host: str, port: int, mode: str, cassettes: Path, default_cassette: str,
-          openai_upstream: str, azure_upstream: str | None, store: str | None,
-          record_errors: bool, ignore_field: tuple[str, ...], match_field: tuple[str, ...],
-          match_header: tuple[str, ...], max_body: int, fingerprint: str,
-          replay_timing: ReplayTiming, inject_seed: int | None, openai_api_key: str | None,
-          azure_api_key: str | None, auth_token: str | None, upstream_timeout: float,
-          workers: int, loop_choice: str, sequence: str) -> None:
-    """Run the proxy."""
-
-    if not _is_loopback(host) and not auth_token:
+def _settings(options: dict[str, Any]) -> Settings:
+    """Settings from serve's options, every one checked before anything starts."""
+    host = options["host"]
+    if not _is_loopback(host) and not options["auth_token"]:
         raise click.UsageError(
             f"Refusing to bind {host}: off loopback anyone who can reach the port could spend "
             "your API key. Pass --auth-token TOKEN (clients then use TOKEN as their API key), "
             "or bind 127.0.0.1."
         )
-    try:
-        policy = KeyPolicy.build(ignore_field, match_field, match_header)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--ignore-field") from exc
-    settings = Settings(
-        cassettes=cassettes, store=store, mode=Mode(mode), default_cassette=default_cassette,
-        openai_upstream=openai_upstream, azure_upstream=azure_upstream,
-        openai_api_key=openai_api_key, azure_api_key=azure_api_key,
-        record_errors=record_errors, key_policy=policy, max_body=max_body,
-        fingerprint=fingerprint, replay_timing=replay_timing, inject_seed=inject_seed,
-        upstream_timeout=upstream_timeout, auth_token=auth_token,
-        sequence=SequencePolicy(sequence), run_id=new_run_id(),
-    )
+    settings = settings_from(options, run_id=new_run_id())
     try:
         asyncio.run(open_store(settings.store_spec).close())  # a bad --store fails here, clearly
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--store") from exc
     try:
-        serving.new_event_loop(loop_choice).close()  # a missing uvloop fails here, clearly
+        serving.new_event_loop(options["loop_choice"]).close()  # a missing uvloop fails here
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--loop") from exc
+    return settings
+
+
+def _configured_from(ctx: click.Context) -> str:
+    config = ctx.find_root().meta.get(_CONFIG_KEY)
+    return f", options from {config.where}" if config is not None else ""
+
+
+@main.command()
+@serve_options
+@click.pass_context
+def serve(ctx: click.Context, /, **options: Any) -> None:
+    """Run the proxy on HOST:PORT until interrupted."""
+    settings = _settings(options)
+    host, port, workers = options["host"], options["port"], options["workers"]
+    logging_options = (options["log_level"], options["log_format"])
     effective = resolve_mode(settings.mode, os.environ)
     click.echo(
         f"replay-proxy listening on http://{host}:{port} (mode {effective.value}"
         f"{' from --mode auto' if settings.mode is Mode.AUTO else ''}, store "
-        f"{settings.store_spec}, cassette {default_cassette}"
-        f"{f', {workers} workers' if workers > 1 else ''})\n"
+        f"{settings.store_spec}, cassette {settings.default_cassette}"
+        f"{f', {workers} workers' if workers > 1 else ''}{_configured_from(ctx)})\n"
         f"  export OPENAI_BASE_URL=http://{host}:{port}/v1",
         err=True,
     )
     if workers == 1:
-        _serve_one(settings, host, port, loop_choice)
+        _serve_one(settings, host, port, options["loop_choice"], False, logging_options)
     else:
-        sys.exit(run_workers(settings, host, port, workers, loop_choice))
+        sys.exit(run_workers(settings, host, port, workers, options["loop_choice"],
+                             logging_options))
+
+
+@main.command(context_settings={"allow_interspersed_args": False})
+@click.option("--allow-misses", is_flag=True,
+              help="Exit with the command's own code even when requests missed their "
+                   "recording or a recording could not be stored.")
+@serve_options
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def run(ctx: click.Context, /, command: tuple[str, ...], allow_misses: bool,
+        **options: Any) -> None:
+    """Run COMMAND through a proxy of its own: replay-proxy run [OPTIONS] -- COMMAND.
+
+    The proxy listens on a free loopback port; COMMAND gets OPENAI_BASE_URL,
+    AZURE_OPENAI_ENDPOINT and REPLAY_PROXY_URL pointing at it (and dummy API keys when
+    replaying and none are set). Takes every serve option. Exits with COMMAND's code, or 1 when
+    COMMAND passed but a request missed its recording or a recording could not be stored.
+    """
+    if options["workers"] != 1:
+        raise click.UsageError("run serves from one process; --workers is for serve.")
+    if ctx.get_parameter_source("port") is not click.core.ParameterSource.COMMANDLINE:
+        options["port"] = 0  # a free port, so that suites can run side by side
+    settings = _settings(options)
+    _configure_logging(*(options["log_level"], options["log_format"]))
+    sys.exit(run_command(settings, command, options["host"], options["port"],
+                         options["loop_choice"], allow_misses))
+
+
+def _configure_logging(level: str, log_format: str) -> None:
+    from ..server.access_log import JsonLines
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level.upper())
+    handler.setFormatter(JsonLines() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("replay_proxy")
+    logger.handlers = [handler]
+    logger.setLevel(level.upper())
 
 
 def _serve_one(settings: Settings, host: str, port: int, loop_choice: str = "auto",
-               reuse_port: bool = False) -> None:
+               reuse_port: bool = False,
+               logging_options: tuple[str, str] = ("warning", "text")) -> None:
+    from ..server.access_log import LOGGER, Misses
     from ..server.handler import ProxyRunner, ReplayProxy
 
-    _run(lambda: ProxyRunner(ReplayProxy(settings)), host, port, loop_choice, reuse_port)
+    _configure_logging(*logging_options)
+    misses = Misses()
+    access = logging.getLogger(LOGGER)
+    if access.isEnabledFor(logging.INFO):
+        access.addHandler(misses)
+    proxies: list[ReplayProxy] = []
+
+    def make_runner() -> web.BaseRunner:
+        proxies.append(ReplayProxy(settings))
+        return ProxyRunner(proxies[-1])
+
+    try:
+        _run(make_runner, host, port, loop_choice, reuse_port)
+    finally:
+        access.removeHandler(misses)
+    for proxy in proxies:
+        state = proxy.state
+        click.echo(summary_text("replay-proxy stopped", state.snapshot()["totals"], misses,
+                                state.by_cassette, state.last_miss, logging_options[1]),
+                   err=True)
 
 
 def _run(make_runner: Callable[[], web.BaseRunner], host: str, port: int, loop_choice: str,
@@ -178,9 +204,10 @@ def _run(make_runner: Callable[[], web.BaseRunner], host: str, port: int, loop_c
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8788, show_default=True, type=int)
-@click.option("--fingerprint", default="fp_sim_a1b2c3", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8788, show_default=True, type=int, help="Port to listen on.")
+@click.option("--fingerprint", default="fp_sim_a1b2c3", show_default=True,
+              help="The system_fingerprint every answer carries.")
 @click.option("--api-key", default=None, help="Only accept this key (default: any non-empty key).")
 @click.option("--latency", default=0.0, type=float, help="Seconds before each answer.")
 @click.option("--event-delay", default=0.0, type=float, help="Seconds between stream events.")
@@ -197,14 +224,16 @@ def simulate(host: str, port: int, fingerprint: str, api_key: str | None, latenc
 
 
 def run_workers(settings: Settings, host: str, port: int, workers: int,
-                loop_choice: str = "auto") -> int:
+                loop_choice: str = "auto",
+                logging_options: tuple[str, str] = ("warning", "text")) -> int:
     """Start `workers` processes on one port; stop them all when one dies or on a signal."""
     import multiprocessing
     import signal
 
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_serve_one,
-                                 args=(settings, host, port, loop_choice, True))
+                                 args=(settings, host, port, loop_choice, True,
+                                       logging_options))
                  for _ in range(workers)]
     for process in processes:
         process.start()
@@ -266,6 +295,17 @@ def _one(cassettes: Path, store: str | None, cassette: str | None, prefix: str) 
     return matches[0]
 
 
+@contextmanager
+def _progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[], None]]:
+    """click's progress bar on stderr when it is a terminal; nothing at all when it is not (a
+    log, a pipe) or with --json."""
+    if quiet or total == 0 or not sys.stderr.isatty():
+        yield lambda: None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield lambda: bar.update(1)
+
+
 def _echo_json(value: object) -> None:
     click.echo(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
 
@@ -283,9 +323,11 @@ def list_keys(cassettes: Path, store: str | None, cassette: str | None, as_json:
         row["key"] = row["key"][:12]
         if row.get("sequence"):
             row["sequence"] = collapse(row["sequence"])
-    click.echo(table(rows, ["cassette", "key", "route", "model", "seed", "temperature",
-                            "fingerprints", "recordings", "sequence", "last_used", "size",
-                            "error"]))
+        if "stream" in row:
+            row["stream"] = "yes" if row["stream"] else "no"
+    click.echo(table(rows, ["cassette", "key", "provider", "route", "model", "stream", "seed",
+                            "temperature", "fingerprints", "recordings", "sequence", "last_used",
+                            "size", "error"]))
 
 
 @main.command()
@@ -321,19 +363,25 @@ def drift(cassettes: Path, store: str | None, cassette: str | None, as_json: boo
 
 @main.command()
 @_store_options
-@click.option("--openai-upstream", default=OPENAI_UPSTREAM, show_default=True)
-@click.option("--azure-upstream", envvar="AZURE_OPENAI_ENDPOINT", default=None)
-@click.option("--openai-api-key", envvar="OPENAI_API_KEY", default=None, show_envvar=True)
-@click.option("--azure-api-key", envvar="AZURE_OPENAI_API_KEY", default=None, show_envvar=True)
+@click.option("--openai-upstream", default=OPENAI_UPSTREAM, show_default=True,
+              help="Where OpenAI requests are re-sent.")
+@click.option("--azure-upstream", envvar="AZURE_OPENAI_ENDPOINT", default=None,
+              help="Your Azure OpenAI endpoint, where Azure requests are re-sent.")
+@click.option("--openai-api-key", envvar="OPENAI_API_KEY", default=None, show_envvar=True,
+              help="Key sent to OpenAI.")
+@click.option("--azure-api-key", envvar="AZURE_OPENAI_API_KEY", default=None, show_envvar=True,
+              help="Key sent to Azure OpenAI.")
 @click.option("--update", is_flag=True, help="Store each drifted answer as a new recording.")
-@click.option("--concurrency", default=4, show_default=True, type=int)
+@click.option("--concurrency", default=4, show_default=True, type=int,
+              help="Requests in flight at once.")
 def verify(cassettes: Path, store: str | None, cassette: str | None, as_json: bool,
            openai_upstream: str, azure_upstream: str | None, openai_api_key: str | None,
            azure_api_key: str | None, update: bool, concurrency: int) -> None:
     """Re-send every recorded request upstream; report same or drift per key. Exit 1 on drift."""
     entries = [(i.cassette, i.entry) for i in _items(cassettes, store, cassette) if i.entry]
     upstreams = Upstreams(openai_upstream, azure_upstream, openai_api_key, azure_api_key)
-    verdicts = asyncio.run(verify_entries(entries, upstreams, concurrency))
+    with _progress(len(entries), "verifying", as_json) as done:
+        verdicts = asyncio.run(verify_entries(entries, upstreams, concurrency, done))
     drifted = [v for v in verdicts if v.result in DRIFTS]
     if update and drifted:
         by_key = {(cassette_name, entry.key): entry for cassette_name, entry in entries}
@@ -368,20 +416,24 @@ async def _store_drift(spec: str | Path, entries: dict[tuple[str, str], Entry],
 
 @main.command()
 @click.option("--base-url", required=True, help="e.g. https://api.openai.com/v1")
-@click.option("--api-key", envvar="OPENAI_API_KEY", required=True, show_envvar=True)
-@click.option("--model", required=True)
-@click.option("--prompt", required=True)
-@click.option("-n", "count", default=5, show_default=True, type=click.IntRange(1, 100))
-@click.option("--seed", type=int, default=None)
-@click.option("--temperature", type=float, default=None)
-@click.option("--max-tokens", type=int, default=None)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--api-key", envvar="OPENAI_API_KEY", required=True, show_envvar=True,
+              help="Key sent with every request.")
+@click.option("--model", required=True, help="Model (or Azure deployment) to ask.")
+@click.option("--prompt", required=True, help="The user message sent N times.")
+@click.option("-n", "count", default=5, show_default=True, type=click.IntRange(1, 100),
+              help="How many identical requests to send at once.")
+@click.option("--seed", type=int, default=None, help="seed sent with each request.")
+@click.option("--temperature", type=float, default=None,
+              help="temperature sent with each request.")
+@click.option("--max-tokens", type=int, default=None, help="max_tokens sent with each request.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def probe(base_url: str, api_key: str, model: str, prompt: str, count: int, seed: int | None,
           temperature: float | None, max_tokens: int | None, as_json: bool) -> None:
     """The cookbook's seed experiment: one request N times at once, straight upstream."""
     try:
-        result = asyncio.run(probe_upstream(base_url, api_key, model, prompt, count, seed,
-                                            temperature, max_tokens))
+        with _progress(count, "probing", as_json) as done:
+            result = asyncio.run(probe_upstream(base_url, api_key, model, prompt, count, seed,
+                                                temperature, max_tokens, done))
     except (RuntimeError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -471,10 +523,10 @@ def prune(cassettes: Path, store: str | None, cassette: str | None, as_json: boo
 
 @main.command()
 @click.option("--cassettes", type=click.Path(path_type=Path), default=Path("cassettes"),
-              show_default=True)
+              show_default=True, help="Root folder of the cassettes.")
 @click.option("--cassette", default=None, help="Only this cassette's counters.")
 @click.option("--run", "run_id", default=None, help="One run (default: every run, and totals).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def stats(cassettes: Path, cassette: str | None, run_id: str | None, as_json: bool) -> None:
     """Hits, misses, upstream calls and tokens replayed instead of paid, per run."""
     runs = read_runs(state_dir(cassettes))
@@ -496,19 +548,21 @@ def stats(cassettes: Path, cassette: str | None, run_id: str | None, as_json: bo
     click.echo(table(rows, ["run", "mode", *columns]))
 
 
-def _copy(source: str, target: str, cassette: str | None) -> int:
+def _copy(source: str, target: str, cassette: str | None, quiet: bool) -> int:
     async def run() -> int:
         origin, destination = open_store(source), open_store(target)
         copied = 0
         try:
             names = [cassette] if cassette else await origin.cassettes()
-            for name in names:
-                for item in await origin.items(name):
+            items = [item for name in names for item in await origin.items(name)]
+            with _progress(len(items), "copying", quiet) as done:
+                for item in items:
                     if item.entry is None:
                         raise click.ClickException(item.error.message if item.error
                                                    else f"unreadable {item.key}")
-                    await destination.put(name, item.entry)
+                    await destination.put(item.cassette, item.entry)
                     copied += 1
+                    done()
         finally:
             await origin.close()
             await destination.close()
@@ -522,10 +576,10 @@ def _copy(source: str, target: str, cassette: str | None) -> int:
               help="Store to read: a directory, diskcache:PATH or redis://...")
 @click.option("--to", "target", required=True, help="Store to write.")
 @click.option("--cassette", default=None, help="Only this cassette.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def export_command(source: str, target: str, cassette: str | None, as_json: bool) -> None:
     """Copy recordings from one store to another, losslessly."""
-    _report_copy(source, target, _copy(source, target, cassette), as_json)
+    _report_copy(source, target, _copy(source, target, cassette, as_json), as_json)
 
 
 def _report_copy(source: str, target: str, copied: int, as_json: bool) -> None:
@@ -539,7 +593,21 @@ def _report_copy(source: str, target: str, copied: int, as_json: bool) -> None:
 @click.option("--from", "source", required=True, help="Store to read.")
 @click.option("--to", "target", default="cassettes", show_default=True, help="Store to write.")
 @click.option("--cassette", default=None, help="Only this cassette.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def import_command(source: str, target: str, cassette: str | None, as_json: bool) -> None:
     """Copy recordings into a store (by default ./cassettes), losslessly."""
-    _report_copy(source, target, _copy(source, target, cassette), as_json)
+    _report_copy(source, target, _copy(source, target, cassette, as_json), as_json)
+
+
+def _share_environment() -> None:
+    """run's own options, and those other commands share with serve, read the same
+    REPLAY_PROXY_ variables as serve's."""
+    for name, command in main.commands.items():
+        if name == "serve":
+            continue
+        for param in command.params:
+            if name == "run" or param.name in SHARED_OPTIONS:
+                with_environment(param)
+
+
+_share_environment()

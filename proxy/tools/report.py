@@ -24,11 +24,13 @@ def ls_row(item: StoredItem, last_used: Mapping[tuple[str, str], str]) -> dict[s
     assert isinstance(body, dict)
     return {
         **row,
+        "provider": entry.request.get("provider"),
         "route": entry.request.get("route"),
         "model": body.get("model") or entry.request.get("deployment"),
+        # Whether the answer was recorded as a stream of events (what replay sends back).
+        "stream": any(recording.events is not None for recording in entry.recordings),
         "seed": body.get("seed"),
         "temperature": body.get("temperature"),
-        "stream": bool(body.get("stream")),
         "fingerprints": entry.fingerprints(),
         "pinned": entry.pinned_fingerprint,
         "recordings": len(entry.recordings),

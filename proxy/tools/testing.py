@@ -22,34 +22,46 @@ from aiohttp import web
 
 from ..core.settings import Settings
 from ..server.handler import ProxyRunner, ReplayProxy
+from ..server.serving import new_event_loop
 from ..server.state import ProxyState
 from .simulator import SIM_STATE, SimulatorState, create_simulator
+
+# What a client connects to for a server bound to a wildcard address.
+_REACHABLE = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 
 
 class ServerThread:
     """A server (an aiohttp runner) on 127.0.0.1, from its own thread and event loop."""
 
-    def __init__(self, make_runner: Callable[[], web.BaseRunner], port: int = 0) -> None:
+    def __init__(self, make_runner: Callable[[], web.BaseRunner], port: int = 0,
+                 host: str = "127.0.0.1", loop: str = "asyncio") -> None:
         self._make_runner = make_runner
         self._requested_port = port
-        self._loop = asyncio.new_event_loop()
+        self.host = host
+        self._loop = new_event_loop(loop)
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.BaseRunner | None = None
         self.port = 0
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        """Where a client on this machine reaches the server (loopback for a wildcard host)."""
+        host = _REACHABLE.get(self.host, self.host)
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
 
     def start(self) -> ServerThread:
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+        try:
+            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+        except BaseException:
+            self.stop()  # a port in use: no thread or loop left behind
+            raise
         return self
 
     async def _start(self) -> None:
         self._runner = self._make_runner()
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self._requested_port)
+        site = web.TCPSite(self._runner, self.host, self._requested_port)
         await site.start()
         server = site._server
         assert server is not None and hasattr(server, "sockets")
@@ -79,14 +91,15 @@ class ServerThread:
 
 
 class ProxyThread(ServerThread):
-    def __init__(self, make_proxy: Callable[[], ReplayProxy], port: int = 0) -> None:
+    def __init__(self, make_proxy: Callable[[], ReplayProxy], port: int = 0,
+                 host: str = "127.0.0.1", loop: str = "asyncio") -> None:
         self.proxy: ReplayProxy | None = None
 
         def make_runner() -> web.BaseRunner:
             self.proxy = make_proxy()
             return ProxyRunner(self.proxy, shutdown_timeout=1.0)
 
-        super().__init__(make_runner, port)
+        super().__init__(make_runner, port, host, loop)
 
     @property
     def state(self) -> ProxyState:
