@@ -8,51 +8,165 @@ explanation of what differed.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
 from ..core.modes import Mode, resolve_mode
-from ..core.routes import SequencePolicy
-from ..core.settings import OPENAI_UPSTREAM, Settings
+from ..core.settings import Settings
 from ..server.state import CassetteOptions
 from .testing import ProxyThread
 
-MODES = [mode.value for mode in Mode]
-SEQUENCES = [policy.value for policy in SequencePolicy]
-_PROXY_KEY = pytest.StashKey["ProxyThread"]()
+DUMMY_API_KEY = "sk-replay-proxy-dummy"  # configuration.DUMMY_API_KEY, without importing click
+
+_PROXIES_KEY = pytest.StashKey[dict[Settings, "ProxyThread"]]()
+_OPTIONS_KEY = pytest.StashKey["SessionOptions"]()
 _SESSION_KEY = pytest.StashKey["ReplaySession"]()
 _TOTALS_KEY = pytest.StashKey[Counter[str]]()
 _WORKER_USED_KEY = pytest.StashKey[set[str]]()
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]+")
-DUMMY_KEY = "sk-replay-proxy-dummy"
+# serve's options that make no sense for a proxy inside pytest: it listens on a free loopback
+# port, needs no token, gives each test its own cassette, and pytest shows its log.
+_NOT_FOR_PYTEST = frozenset({"host", "port", "workers", "loop_choice", "auth_token",
+                             "default_cassette", "log_format"})
+_DEFAULTS_SHOWN = {"cassettes": "<rootdir>/cassettes"}
+# Credentials are read from the environment only (OPENAI_API_KEY, ...): no flag, no ini key.
+_FROM_ENVIRONMENT_ONLY = frozenset({"openai_api_key", "azure_api_key"})
+
+
+def _serve_options() -> list[Any]:
+    """serve's options (click.Option objects), as far as they apply in pytest."""
+    from .configuration import serve_parameters
+
+    return [param for param in serve_parameters()
+            if param.name not in _NOT_FOR_PYTEST and param.opts and param.opts[0][:2] == "--"]
+
+
+def _dest(option: Any) -> str:
+    """`replay_openai_upstream` for `--openai-upstream` (and `replay_timing` for
+    `--replay-timing`): the pytest dest and the ini key."""
+    from .configuration import long_name
+
+    return "replay_" + long_name(option).removeprefix("replay-").replace("-", "_")
+
+
+def _with_flags(options: list[Any]) -> list[Any]:
+    return [option for option in options if option.name not in _FROM_ENVIRONMENT_ONLY]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    # The same option list as `replay-proxy serve`: an option added there appears here.
     group = parser.getgroup("replay-proxy", "record and replay OpenAI calls (replay-proxy)")
-    options = [
-        ("mode", "auto", f"one of {', '.join(MODES)}; auto replays when CI is true"),
-        ("cassettes", "", "cassette folder (default: <rootdir>/cassettes)"),
-        ("openai_upstream", OPENAI_UPSTREAM, "OpenAI upstream base URL"),
-        ("azure_upstream", "", "Azure OpenAI endpoint (default: $AZURE_OPENAI_ENDPOINT)"),
-        ("sequence", "stateful", "which keys replay in order: stateful (default), all, or none"),
-    ]
-    for name, default, help_text in options:
-        flag = "--replay-" + name.replace("_", "-")
-        group.addoption(flag, dest=f"replay_{name}", default=None, help=help_text)
-        parser.addini(f"replay_{name}", help_text, default=default)
+    for option in _with_flags(_serve_options()):
+        dest = _dest(option)
+        flag = "--" + dest.replace("_", "-")
+        default = _DEFAULTS_SHOWN.get(option.name, option.default)
+        help_text = option.help or ""
+        if not option.is_flag and isinstance(default, str | int | float | Path):
+            help_text += f" (default: {default})"
+        help_text += f" [ini: {dest}; env: {option.envvar[0]}]"
+        if option.is_flag:
+            group.addoption(flag, dest=dest, action="store_const", const=True, default=None,
+                            help=help_text)
+        elif option.multiple:
+            group.addoption(flag, dest=dest, action="append", default=None, metavar="VALUE",
+                            help=help_text + " (repeatable)")
+        else:
+            group.addoption(flag, dest=dest, default=None, metavar="VALUE", help=help_text)
+        ini_type: Literal["linelist", "bool", "string"] = (
+            "linelist" if option.multiple else "bool" if option.is_flag else "string")
+        parser.addini(dest, option.help or "", type=ini_type, default=None)
 
 
-def _option(config: pytest.Config, name: str) -> str:
-    value = config.getoption(f"replay_{name}")
-    return str(value if value is not None else config.getini(f"replay_{name}"))
+@dataclass(frozen=True)
+class SessionOptions:
+    """Where this session's options come from, below the per-test `replay_config`: the
+    command line (as serve's arguments), the ini file and [tool.replay-proxy]."""
+
+    args: tuple[str, ...]
+    file_defaults: dict[str, Any]
+    ini_defaults: dict[str, Any]
+    settings: Settings
+
+
+def _session_options(config: pytest.Config) -> SessionOptions:
+    from .configuration import ConfigError, checked_defaults, find_config, read_config
+
+    options = _serve_options()
+    args: list[str] = []
+    ini: dict[str, Any] = {}
+    for option in _with_flags(options):
+        dest, flag = _dest(option), option.opts[0]
+        given = config.getoption(dest)
+        if given is not None:
+            values = given if option.multiple else [given]
+            for value in values:
+                args += [flag] if option.is_flag else [flag, _absolute(option, value, config)]
+        value = config.getini(dest)
+        if value not in (None, "", []):
+            ini[flag[2:]] = value
+    try:
+        named = os.environ.get("REPLAY_PROXY_CONFIG")
+        file = (read_config(Path(named)) if named
+                else find_config(config.invocation_params.dir))
+        file_defaults = (checked_defaults(options, file.values, file.where, file.path.parent)
+                         if file is not None else {})
+        ini_base = config.inipath.parent if config.inipath else config.rootpath
+        ini_defaults = checked_defaults(options, ini, f"the pytest ini file {config.inipath}",
+                                        ini_base)
+    except ConfigError as exc:
+        raise pytest.UsageError(f"replay-proxy: {exc.format_message()}") from exc
+    partial = SessionOptions(tuple(args), file_defaults, ini_defaults, Settings())
+    return replace(partial, settings=_resolve(config, partial, {}))
+
+
+def _absolute(option: Any, value: str, config: pytest.Config) -> str:
+    """A path given on pytest's command line is relative to where pytest was started, even if
+    a test changes the working directory."""
+    import click
+
+    if isinstance(option.type, click.Path):
+        return str(config.invocation_params.dir / Path(value).expanduser())
+    return value
+
+
+def _resolve(config: pytest.Config, session: SessionOptions,
+             replay_config: Mapping[str, Any]) -> Settings:
+    """Settings for tests with this `replay_config`: the command line, then the environment,
+    then `replay_config`, the ini file, [tool.replay-proxy], and serve's defaults."""
+    import click
+
+    from ..core.explain import PYTEST_OPTIONS
+    from .configuration import ConfigError, checked_defaults, settings_from
+
+    options = _serve_options()
+    try:
+        own = checked_defaults(options, replay_config, "replay_config",
+                               config.invocation_params.dir)
+        defaults = {**session.file_defaults, **session.ini_defaults, **own}
+        command = click.Command("pytest", params=options)
+        context = command.make_context("pytest", list(session.args), default_map=defaults)
+        params = dict(context.params)
+        if context.get_parameter_source("cassettes") is click.core.ParameterSource.DEFAULT:
+            params["cassettes"] = config.rootpath / "cassettes"
+        params["cassettes"] = config.invocation_params.dir / params["cassettes"]
+        settings = settings_from(params, option_spelling=PYTEST_OPTIONS)
+    except (ConfigError, click.ClickException) as exc:
+        names = "--replay-* options, REPLAY_PROXY_* variables or replay_* ini keys"
+        raise pytest.UsageError(f"replay-proxy ({names}): {exc.format_message()}") from exc
+    level = params.get("log_level")
+    if level is not None and context.get_parameter_source("log_level") is not \
+            click.core.ParameterSource.DEFAULT:
+        logging.getLogger("replay_proxy").setLevel(str(level).upper())
+    return settings
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -61,43 +175,31 @@ def pytest_configure(config: pytest.Config) -> None:
         "replay(cassette=None, fingerprint=None, mode=None): run the test through replay-proxy "
         "with its own cassette; sets OPENAI_BASE_URL and AZURE_OPENAI_ENDPOINT",
     )
-    mode = _option(config, "mode")
-    if mode not in MODES:
-        raise pytest.UsageError(f"--replay-mode {mode!r}: choose one of {', '.join(MODES)}")
-    sequence = _option(config, "sequence")
-    if sequence not in SEQUENCES:
-        raise pytest.UsageError(f"--replay-sequence {sequence!r}: choose one of "
-                                f"{', '.join(SEQUENCES)}")
+    config.stash[_OPTIONS_KEY] = _session_options(config)
+    config.stash[_PROXIES_KEY] = {}
     config.stash[_TOTALS_KEY] = Counter()
 
 
 def _settings(config: pytest.Config) -> Settings:
-    cassettes = _option(config, "cassettes") or str(config.rootpath / "cassettes")
-    azure = _option(config, "azure_upstream") or os.environ.get("AZURE_OPENAI_ENDPOINT") or None
-    return Settings(
-        cassettes=Path(cassettes), mode=resolve_mode(Mode(_option(config, "mode")), os.environ),
-        openai_upstream=_option(config, "openai_upstream"), azure_upstream=azure,
-        openai_api_key=os.environ.get("OPENAI_API_KEY"),
-        azure_api_key=os.environ.get("AZURE_OPENAI_API_KEY"),
-        sequence=SequencePolicy(_option(config, "sequence")),
-    )
+    return config.stash[_OPTIONS_KEY].settings
 
 
-def _proxy(config: pytest.Config) -> ProxyThread:
-    """The session's proxy, started on first use on a free loopback port."""
-    if _PROXY_KEY not in config.stash:
+def _proxy(config: pytest.Config, settings: Settings) -> ProxyThread:
+    """The proxy for these settings, started on first use on a free loopback port: one for the
+    session, and one more for each different `replay_config`."""
+    proxies = config.stash[_PROXIES_KEY]
+    if settings not in proxies:
         from ..server.handler import ReplayProxy
 
-        settings = _settings(config)
         proxy = ProxyThread(lambda: ReplayProxy(settings, dict(os.environ)))
         proxy.start()
-        config.stash[_PROXY_KEY] = proxy
-    return config.stash[_PROXY_KEY]
+        proxies[settings] = proxy
+    return proxies[settings]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if _PROXY_KEY in config.stash:
-        config.stash[_PROXY_KEY].stop()
+    for proxy in config.stash.get(_PROXIES_KEY, {}).values():
+        proxy.stop()
 
 
 @dataclass
@@ -157,13 +259,21 @@ def cassette_for(item: pytest.Item) -> str:
 
 
 @pytest.fixture
+def replay_config() -> dict[str, Any]:
+    """Options for the tests in this fixture's scope, as in [tool.replay-proxy]: override it in
+    a conftest.py to configure a directory, e.g. `return {"ignore_field": ["user"]}`. The
+    command line and REPLAY_PROXY_* variables still win; a mark's mode wins over all."""
+    return {}
+
+
+@pytest.fixture
 def replay_proxy(request: pytest.FixtureRequest) -> Iterator[ReplaySession]:
     marker = request.node.get_closest_marker("replay")
     options: dict[str, Any] = dict(marker.kwargs) if marker else {}
     unknown = set(options) - {"cassette", "fingerprint", "mode"}
     if unknown:
         raise pytest.UsageError(f"@pytest.mark.replay got unknown arguments {sorted(unknown)}")
-    proxy = _proxy(request.config)
+    proxy = _proxy(request.config, _settings_for(request))
     cassette = options.get("cassette") or cassette_for(request.node)
     mode = Mode(options["mode"]) if options.get("mode") else proxy.state.mode
     mode = resolve_mode(mode, os.environ)
@@ -182,6 +292,17 @@ def replay_proxy(request: pytest.FixtureRequest) -> Iterator[ReplaySession]:
         totals["tests"] += 1
 
 
+def _settings_for(request: pytest.FixtureRequest) -> Settings:
+    overrides = request.getfixturevalue("replay_config")
+    if not isinstance(overrides, Mapping):
+        raise pytest.UsageError(f"replay_config must return a dict of options, not "
+                                f"{type(overrides).__name__}")
+    session = request.config.stash[_OPTIONS_KEY]
+    if not overrides:
+        return session.settings
+    return _resolve(request.config, session, overrides)
+
+
 @pytest.fixture(autouse=True)
 def _replay_environment(request: pytest.FixtureRequest,
                         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -193,7 +314,7 @@ def _replay_environment(request: pytest.FixtureRequest,
     if session.mode is Mode.REPLAY:
         for name in ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY"):
             if not os.environ.get(name):
-                monkeypatch.setenv(name, DUMMY_KEY)
+                monkeypatch.setenv(name, DUMMY_API_KEY)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -231,10 +352,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def _used(config: pytest.Config) -> set[str]:
-    if _PROXY_KEY not in config.stash:
-        return set()
-    usage = config.stash[_PROXY_KEY].state.usage
-    return {f"{c}\x1f{k}" for c, k in usage.seen} if usage is not None else set()
+    used = set()
+    for proxy in config.stash.get(_PROXIES_KEY, {}).values():
+        usage = proxy.state.usage
+        used |= {f"{c}\x1f{k}" for c, k in usage.seen} if usage is not None else set()
+    return used
 
 
 @pytest.hookimpl(optionalhook=True)
