@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -144,3 +144,18 @@ def stored_bytes(root: Path) -> bytes:
 def recorded_files(root: Path) -> list[Path]:
     """The cassette files under a store root, without the proxy's own usage log."""
     return sorted(p for p in root.rglob("*.json") if ".replay-proxy" not in p.parts)
+
+
+@contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """Hold a lock file: a session fixture that installs something does it once, even when
+    pytest-xdist runs it in every worker."""
+    import fcntl
+
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
