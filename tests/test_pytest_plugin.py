@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from replay_proxy.tools.testing import SimulatorThread
 
@@ -195,3 +197,110 @@ def test_every_test_is_a_session_of_its_own(pytester: pytest.Pytester,
                                                  "-p", "no:cacheprovider", *selection)
         replayed.assert_outcomes(passed=1 if selection[:1] == ["-k"] else 2)
         replayed.stdout.fnmatch_lines(["*0 miss(es), 0 recording(s) made, 0 upstream call(s)*"])
+
+
+TEMPERATURE_TESTS = '''
+import pytest
+from openai import OpenAI
+
+
+def ask(temperature):
+    return OpenAI(max_retries=0).chat.completions.create(
+        model="gpt-4o-mini", seed=3, temperature=temperature,
+        messages=[{"role": "user", "content": "Pick a colour."}])
+
+
+@pytest.mark.replay(cassette="CASSETTE")
+def test_first():
+    ask(0.1)
+
+
+@pytest.mark.replay(cassette="CASSETTE")
+def test_second():
+    ask(0.9)
+'''
+
+
+def test_one_configuration_file_and_replay_config_per_directory(
+        pytester: pytest.Pytester, simulator: SimulatorThread,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """[tool.replay-proxy] configures the plugin as it does the command; a conftest.py's
+    replay_config changes the options for its directory only."""
+    pytester.makepyprojecttoml(
+        f'[tool.pytest.ini_options]\nasyncio_default_fixture_loop_scope = "function"\n\n'
+        f'[tool.replay-proxy]\nmode = "record"\nopenai-upstream = "{simulator.url}"\n'
+        f'cassettes = "recordings"\n')
+    ignoring = pytester.mkpydir("ignoring")
+    (ignoring / "conftest.py").write_text(
+        "import pytest\n\n@pytest.fixture\ndef replay_config():\n"
+        "    return {'ignore_field': ['temperature']}\n")
+    (ignoring / "test_ignoring.py").write_text(
+        TEMPERATURE_TESTS.replace("CASSETTE", "ignoring"))
+    keyed = pytester.mkpydir("keyed")
+    (keyed / "test_keyed.py").write_text(
+        TEMPERATURE_TESTS.replace("CASSETTE", "keyed"))
+    for name in ("CI", "OPENAI_BASE_URL", "REPLAY_PROXY_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-recording-key")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4)
+    # With temperature ignored, the second question is the first one's hit.
+    result.stdout.fnmatch_lines(["*4 test(s) through the proxy: 1 hit(s), 0 miss(es), "
+                                 "3 recording(s) made*"])
+    assert len(list((pytester.path / "recordings" / "ignoring").glob("*.json"))) == 1
+    assert len(list((pytester.path / "recordings" / "keyed").glob("*.json"))) == 2
+    assert simulator.state.calls == 3
+
+    # A flag beats the file; the miss tells a pytest user the option to pass.
+    simulator.stop()
+    (keyed / "test_keyed.py").write_text(
+        TEMPERATURE_TESTS.replace("CASSETTE", "keyed").replace("0.9", "0.5"))
+    replayed = pytester.runpytest_subprocess("--replay-mode", "replay", "-p", "no:cacheprovider")
+    replayed.assert_outcomes(passed=3, failed=1)
+    output = replayed.stdout.str()
+    assert re.search(r"temperature: 0\.[19] -> 0\.5", output)
+    assert "run pytest with --replay-mode record" in output
+    assert "pass --replay-ignore-field NAME" in output
+
+
+def test_serve_options_as_pytest_options_and_ini_keys(pytester: pytest.Pytester,
+                                                      simulator: SimulatorThread,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makeini(f"[pytest]\nasyncio_default_fixture_loop_scope = function\n"
+                     f"replay_openai_upstream = {simulator.url}\nreplay_mode = record\n")
+    pytester.makepyfile(test_seeded='''
+import pytest
+from openai import OpenAI
+
+@pytest.mark.replay
+def test_without_a_seed():
+    OpenAI(max_retries=0).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Unseeded"}])
+''')
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-recording-key")
+    monkeypatch.delenv("CI", raising=False)
+    # --replay-inject-seed exists because serve has --inject-seed: nothing names it in the plugin.
+    result = pytester.runpytest_subprocess("--replay-inject-seed", "77", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    [stored] = (pytester.path / "cassettes" / "test_seeded" / "test_without_a_seed").glob("*")
+    assert '"seed": 77' in stored.read_text()
+
+    help_text = pytester.runpytest_subprocess("--help").stdout.str()
+    for option in ("--replay-max-body", "--replay-sequence", "--replay-timing",
+                   "--replay-log-level", "replay_ignore_field (linelist)"):
+        assert option in help_text
+    assert "--replay-openai-api-key" not in help_text  # credentials: the environment only
+
+    pytester.makepyfile(conftest='''
+import pytest
+
+@pytest.fixture
+def replay_config():
+    return {"ignore_feild": ["user"]}
+''')
+    bad = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    bad.assert_outcomes(errors=1)
+    bad.stdout.fnmatch_lines(["*replay_config: unknown key 'ignore_feild'*"])
+    bad_flag = pytester.runpytest_subprocess("--replay-mode", "bogus")
+    assert bad_flag.ret == pytest.ExitCode.USAGE_ERROR
+    bad_flag.stderr.fnmatch_lines(["*replay-proxy*'bogus' is not one of*"])
