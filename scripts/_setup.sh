@@ -19,6 +19,12 @@ spec="."
 # Reinstall only when the dependencies or the requested extra changed.
 stamp="$VENV/.installed-$(echo "$extra" | tr -c 'a-z0-9\n' '_')"
 digest="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+# Every extra includes the package itself: for none, any up-to-date install will do.
+if [ -z "$extra" ]; then
+  for other in "$VENV"/.installed-*; do
+    [ -f "$other" ] && [ "$(cat "$other")" = "$digest" ] && stamp="$other" && break
+  done
+fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
   echo "installing replay-proxy${extra:+ with [$extra]} into $VENV ..." >&2
   log="$VENV/install.log"

@@ -47,7 +47,8 @@ def _stop(process: subprocess.Popen[bytes]) -> str:
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=20)
     assert process.stderr is not None
-    return process.stderr.read().decode()
+    with process.stderr:
+        return process.stderr.read().decode()
 
 
 def test_one_line_per_request_and_nothing_secret(tmp_path: Path,
@@ -154,3 +155,37 @@ def test_ls_shows_the_provider_and_whether_the_answer_streamed() -> None:
     assert header.split()[:6] == ["CASSETTE", "KEY", "PROVIDER", "ROUTE", "MODEL", "STREAM"]
     columns = [row.split()[2:6:3] for row in rows]  # provider, stream
     assert sorted(columns) == [["openai", "no"]] * 3 + [["openai", "yes"]]
+
+
+def test_scripts_serve_from_another_project_records_into_its_cassettes(
+        tmp_path: Path, simulator: SimulatorThread) -> None:
+    import socket
+    import time
+
+    from replay_proxy.tools.testing import free_port
+
+    port = free_port()
+    environ = {name: value for name, value in os.environ.items()
+               if not name.startswith(("REPLAY_PROXY_", "OPENAI_", "AZURE_OPENAI_"))}
+    process = subprocess.Popen(["bash", str(ROOT / "scripts" / "serve"), "--port", str(port),
+                                "--mode", "record", "--openai-upstream", simulator.url],
+                               cwd=tmp_path, env=environ, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/c/elsewhere/v1", api_key="sk-test",
+                        max_retries=0)
+        client.chat.completions.create(model="gpt-4o-mini", seed=9,
+                                       messages=[{"role": "user", "content": "Where am I?"}])
+    finally:
+        stderr = _stop(process)
+    assert "replay-proxy listening" in stderr
+    assert len(list((tmp_path / "cassettes" / "elsewhere").glob("*.json"))) == 1
+    assert not (ROOT / "cassettes" / "elsewhere").exists()
