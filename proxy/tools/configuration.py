@@ -308,7 +308,7 @@ def _shaped(option: click.Option, value: Any, where: str) -> Any:
     return value
 
 
-def _relative_to(base: Path, value: Any) -> Any:
+def _relative_to(base: Path, value: Any) -> str:
     path = Path(str(value)).expanduser()
     return str(path if path.is_absolute() else base / path)
 
@@ -319,7 +319,7 @@ def _store_relative_to(base: Path, spec: str) -> str:
         return spec
     if spec.startswith("diskcache:"):
         return "diskcache:" + _relative_to(base, spec.removeprefix("diskcache:"))
-    return str(_relative_to(base, spec))
+    return _relative_to(base, spec)
 
 
 def default_maps(config: ConfigFile | None,
