@@ -153,3 +153,16 @@ def test_other_commands_read_the_shared_options(tmp_path: Path) -> None:
     by_env = replay_proxy("ls", "--json", cwd=tmp_path / "src",
                           env={"REPLAY_PROXY_CASSETTES": str(tmp_path / "nothing")})
     assert json.loads(by_env.stdout) == []
+
+
+def test_run_options_in_the_file(tmp_path: Path) -> None:
+    (tmp_path / "replay-proxy.toml").write_text('mode = "replay"\nallow-misses = true\n')
+    missing = ("import os, urllib.request, urllib.error\ntry:\n"
+               "    urllib.request.urlopen(os.environ['OPENAI_BASE_URL'] + '/models')\n"
+               "except urllib.error.HTTPError as error:\n    print(error.code)")
+    result = replay_proxy("run", "--", sys.executable, "-c", missing, cwd=tmp_path)
+    assert result.stdout.strip() == "404" and "1 miss" in result.stderr
+    assert result.returncode == 0  # allowed by the file
+    strict = replay_proxy("run", "--", sys.executable, "-c", missing, cwd=tmp_path,
+                          env={"REPLAY_PROXY_ALLOW_MISSES": "false"})
+    assert strict.returncode == 1  # the environment beats the file

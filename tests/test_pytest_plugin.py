@@ -229,7 +229,9 @@ def test_one_configuration_file_and_replay_config_per_directory(
     pytester.makepyprojecttoml(
         f'[tool.pytest.ini_options]\nasyncio_default_fixture_loop_scope = "function"\n\n'
         f'[tool.replay-proxy]\nmode = "record"\nopenai-upstream = "{simulator.url}"\n'
-        f'cassettes = "recordings"\n')
+        f'cassettes = "recordings"\n'
+        # For serve and run only: valid in the file, and not in the way of pytest.
+        f'port = 8790\nworkers = 2\nallow-misses = true\n')
     ignoring = pytester.mkpydir("ignoring")
     (ignoring / "conftest.py").write_text(
         "import pytest\n\n@pytest.fixture\ndef replay_config():\n"

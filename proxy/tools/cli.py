@@ -33,6 +33,7 @@ from .configuration import (
     default_maps,
     find_config,
     read_config,
+    run_options,
     serve_options,
     settings_from,
     with_environment,
@@ -125,9 +126,7 @@ def serve(ctx: click.Context, /, **options: Any) -> None:
 
 
 @main.command(context_settings={"allow_interspersed_args": False})
-@click.option("--allow-misses", is_flag=True,
-              help="Exit with the command's own code even when requests missed their "
-                   "recording or a recording could not be stored.")
+@run_options
 @serve_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
@@ -600,13 +599,12 @@ def import_command(source: str, target: str, cassette: str | None, as_json: bool
 
 
 def _share_environment() -> None:
-    """run's own options, and those other commands share with serve, read the same
-    REPLAY_PROXY_ variables as serve's."""
+    """The options other commands share with serve read the same REPLAY_PROXY_ variables."""
     for name, command in main.commands.items():
-        if name == "serve":
+        if name in ("serve", "run"):
             continue
         for param in command.params:
-            if name == "run" or param.name in SHARED_OPTIONS:
+            if param.name in SHARED_OPTIONS:
                 with_environment(param)
 
 

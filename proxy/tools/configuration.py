@@ -149,6 +149,14 @@ _SERVE_OPTIONS: tuple[Callable[[Any], Any], ...] = (
 )
 
 
+# run's own options: also valid in the file, where serve and the pytest plugin ignore them.
+_RUN_OPTIONS: tuple[Callable[[Any], Any], ...] = (
+    click.option("--allow-misses", is_flag=True,
+                 help="Exit with the command's own code even when requests missed their "
+                      "recording or a recording could not be stored."),
+)
+
+
 def long_name(param: click.Parameter) -> str:
     """`mode` for `--mode`: the name a configuration key or variable is made from."""
     for option in param.opts:
@@ -180,6 +188,15 @@ def serve_options(command: F) -> F:
     return command
 
 
+def run_options(command: F) -> F:
+    """run's own options, with their variables; `run` wears these and `serve_options`."""
+    for option in reversed(_RUN_OPTIONS):
+        command = option(command)
+    for param in getattr(command, "__click_params__", []):
+        with_environment(param)
+    return command
+
+
 def serve_parameters() -> list[click.Parameter]:
     """Fresh copies of serve's options, in the order `--help` shows them."""
 
@@ -187,6 +204,16 @@ def serve_parameters() -> list[click.Parameter]:
         """A holder for the options."""
 
     return list(reversed(getattr(serve_options(options), "__click_params__", [])))
+
+
+def file_parameters() -> list[click.Parameter]:
+    """Every option a configuration file may set: serve's and run's."""
+
+    def options() -> None:
+        """A holder for the options."""
+
+    return [*serve_parameters(),
+            *reversed(getattr(run_options(options), "__click_params__", []))]
 
 
 def unplumbed(params: Iterable[click.Parameter]) -> list[str]:

@@ -98,9 +98,16 @@ class SessionOptions:
 
 
 def _session_options(config: pytest.Config) -> SessionOptions:
-    from .configuration import ConfigError, checked_defaults, find_config, read_config
+    from .configuration import (
+        ConfigError,
+        checked_defaults,
+        file_parameters,
+        find_config,
+        read_config,
+    )
 
     options = _serve_options()
+    applies = {option.name for option in options}
     args: list[str] = []
     ini: dict[str, Any] = {}
     for option in _with_flags(options):
@@ -117,8 +124,12 @@ def _session_options(config: pytest.Config) -> SessionOptions:
         named = os.environ.get("REPLAY_PROXY_CONFIG")
         file = (read_config(Path(named)) if named
                 else find_config(config.invocation_params.dir))
-        file_defaults = (checked_defaults(options, file.values, file.where, file.path.parent)
-                         if file is not None else {})
+        # The file is checked as the command checks it; options that make no sense in pytest
+        # (port, workers, allow_misses, ...) are then left out.
+        file_defaults = (checked_defaults(file_parameters(), file.values, file.where,
+                                          file.path.parent) if file is not None else {})
+        file_defaults = {name: value for name, value in file_defaults.items()
+                         if name in applies}
         ini_base = config.inipath.parent if config.inipath else config.rootpath
         ini_defaults = checked_defaults(options, ini, f"the pytest ini file {config.inipath}",
                                         ini_base)
