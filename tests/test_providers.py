@@ -48,3 +48,19 @@ def test_cassette_names_cannot_escape_the_root(name: str) -> None:
 def test_cassette_prefix_refuses_traversal(path: str) -> None:
     with pytest.raises(ProxyError):
         split_cassette_prefix(path)
+
+
+@pytest.mark.parametrize("deployment", [".", "gpt\n", "-x", ".hidden", "a b", "x" * 129,
+                                        "gpt\x00"])
+def test_an_azure_deployment_name_that_is_not_one_is_refused(deployment: str) -> None:
+    """`/openai/deployments/./chat/completions` would be keyed as deployment `.` while the
+    upstream's URL handling sends it to another route: refused, as a client error."""
+    with pytest.raises(ProxyError) as caught:
+        parse_route(f"/openai/deployments/{deployment}/chat/completions", {})
+    assert caught.value.status == 400 and caught.value.code == "invalid_deployment"
+
+
+@pytest.mark.parametrize("name", ["suite\n", "a/b\n"])
+def test_a_trailing_newline_is_no_part_of_a_cassette_name(name: str) -> None:
+    with pytest.raises(ProxyError):
+        validate_cassette_name(name)

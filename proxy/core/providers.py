@@ -17,9 +17,13 @@ Provider = Literal["openai", "azure"]
 
 CASSETTE_PREFIX = "/c/"
 SESSION_PREFIX = "/s/"
-_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,127}$")
+# Matched whole, so that no trailing newline slips through as `$` would let it.
+_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,127}")
 _MAX_NAME = 255
-_DEPLOYMENT = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+# Matched whole (`fullmatch`: `$` would let a trailing newline through). A name starts with a
+# letter, digit or `_`, so `.` and `..` (which the upstream's URL handling would resolve into
+# another route) are never a deployment.
+_DEPLOYMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 # Routes whose request body must be JSON; anything else under the prefixes is keyed by bytes.
 JSON_ROUTES = frozenset({
@@ -57,7 +61,7 @@ def validate_cassette_name(name: str) -> str:
         raise _bad_name(name, "it must be 1 to 255 characters long")
     segments = name.split("/")
     for segment in segments:
-        if not _SEGMENT.match(segment):
+        if not _SEGMENT.fullmatch(segment):
             raise _bad_name(
                 name,
                 "each '/'-separated part must start with a letter, digit or '_' and use only "
@@ -95,9 +99,22 @@ def split_cassette_prefix(path: str) -> tuple[str | None, str]:
     return validate_cassette_name(raw_name), "/" + rest[match.start() + 1:]
 
 
+def validate_deployment(name: str) -> str:
+    """An Azure deployment name: 1 to 128 letters, digits and `_ . -`, starting with a letter,
+    digit or `_`."""
+    if not _DEPLOYMENT.fullmatch(name):
+        shown = name if len(name) <= 80 else name[:77] + "..."
+        raise ProxyError(
+            f"Invalid Azure deployment name {shown!r}: use 1 to 128 letters, digits and "
+            "'_ . -', starting with a letter, digit or '_'.",
+            status=400, code="invalid_deployment", param="deployment",
+        )
+    return name
+
+
 def validate_session_name(name: str) -> str:
     """A session id is one safe segment: letters, digits and `_ . = + -`, 1 to 128 long."""
-    if not _SEGMENT.match(name):
+    if not _SEGMENT.fullmatch(name):
         shown = name if len(name) <= 80 else name[:77] + "..."
         raise ProxyError(
             f"Invalid session {shown!r}: use 1 to 128 letters, digits and '_ . = + -', starting "
@@ -124,7 +141,8 @@ def split_session_prefix(path: str) -> tuple[str | None, str]:
 
 
 def parse_route(path: str, query: dict[str, str]) -> Route | None:
-    """Map an API path to a Route, or None when it is not an OpenAI or Azure OpenAI path."""
+    """Map an API path to a Route, or None when it is not an OpenAI or Azure OpenAI path.
+    Raises ProxyError (400) for an Azure path whose deployment name is not valid."""
     if "%2f" in path.lower() or "/../" in path or path.endswith("/.."):
         return None
     if path.startswith("/v1/"):
@@ -136,8 +154,9 @@ def parse_route(path: str, query: dict[str, str]) -> Route | None:
         rest = path[len("/openai/deployments/"):]
         deployment, _, tail = rest.partition("/")
         route = _normalise(tail)
-        if not route or not _DEPLOYMENT.match(deployment):
+        if not route or not deployment:
             return None
+        validate_deployment(deployment)
         return Route(
             "azure", route, f"/openai/deployments/{deployment}/{route}",
             deployment=deployment, api_version=query.get("api-version"),
