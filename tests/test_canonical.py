@@ -183,3 +183,16 @@ def test_bad_bodies_raise_clear_errors(body: bytes, headers: dict[str, str], cod
         key_of(body, headers)
     assert caught.value.code == code
     assert caught.value.status in (400, 415)
+
+
+@pytest.mark.parametrize("name", ["api-key", "API-KEY", "api_key", "subscription-key",
+                                  "access_token", "code", "key", "sig", "client_secret"])
+def test_credential_query_parameters_are_no_part_of_the_key(name: str) -> None:
+    body = orjson.dumps(BASE)
+    request = IncomingRequest("POST", CHAT_ROUTE, ((name, "secret-value-123"), ("after", "x")),
+                              JSON, body)
+    canonical = canonical_request(request, POLICY)
+    assert canonical["query"] == [["after", "x"]]
+    assert b"secret-value-123" not in orjson.dumps(canonical)
+    assert request_key(canonical) == key_of(body, query=(("after", "x"),))
+    assert key_of(body, query=(("after", "y"),)) != request_key(canonical)  # others still count

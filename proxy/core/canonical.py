@@ -10,7 +10,7 @@ import gzip
 import hashlib
 import itertools
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any
@@ -30,6 +30,15 @@ DEFAULT_IGNORED_FIELDS = frozenset({
 # the SDK's x-stainless-* retry and runtime headers) is left out of the key.
 DEFAULT_MATCHED_HEADERS = frozenset({"openai-beta"})
 NEVER_IGNORED = frozenset({"seed", "model", "messages", "input", "prompt", "stream"})
+# Query parameters that carry a credential: Azure's and API Management's keys, OAuth tokens and
+# codes, signed-URL signatures, generic keys and secrets. None of them changes the answer, so
+# they are left out of the key and the stored request (and so out of every message built from
+# it) and only forwarded upstream. Compared case-insensitively, `_` and `-` alike.
+CREDENTIAL_QUERY_PARAMS = frozenset({
+    "api-key", "apikey", "key", "subscription-key", "ocp-apim-subscription-key",
+    "access-token", "id-token", "refresh-token", "token", "code", "client-secret",
+    "sig", "signature", "password", "secret", "auth",
+})
 
 _MAX_SAFE_INT = 2**53
 # A body that is not JSON is keyed by what it is, under a top-level `body_kind` that no JSON
@@ -72,10 +81,20 @@ class IncomingRequest:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
+def is_credential_param(name: str) -> bool:
+    return name.strip().lower().replace("_", "-") in CREDENTIAL_QUERY_PARAMS
+
+
+def credential_values(query: Iterable[tuple[str, str]]) -> list[str]:
+    """The values of a query's credential parameters, to scrub from anything stored."""
+    return [value for name, value in query if is_credential_param(name)]
+
+
 def canonical_request(request: IncomingRequest, policy: KeyPolicy) -> dict[str, Any]:
     """The JSON-ready description of a request that the key is computed over."""
     route = request.route
-    query = sorted((k, v) for k, v in request.query if k != "api-version")
+    query = sorted((k, v) for k, v in request.query
+                   if k != "api-version" and not is_credential_param(k))
     headers = {
         name: request.headers[name] for name in sorted(policy.matched_headers)
         if name in request.headers

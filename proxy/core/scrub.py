@@ -74,11 +74,13 @@ CREDENTIAL_HEADERS = ("authorization", "api-key", "openai-organization", "openai
 _MIN_SECRET = 6  # shorter values would redact ordinary words, and are no secret anyway
 
 
-def secret_values(headers: Mapping[str, str], settings: Settings | None = None) -> list[bytes]:
+def secret_values(headers: Mapping[str, str], settings: Settings | None = None,
+                  also: Iterable[str] = ()) -> list[bytes]:
     """The literal credential values of an exchange, so they can be searched for in bodies: what
-    the client sent, and the keys the proxy itself holds (an upstream may echo the key it was
-    sent, which is the proxy's own when it has one)."""
-    candidates: list[str] = []
+    the client sent (its credential headers, and `also`: its credential query parameters), and
+    the keys the proxy itself holds (an upstream may echo the key it was sent, which is the
+    proxy's own when it has one)."""
+    candidates: list[str] = list(also)
     for name in CREDENTIAL_HEADERS:
         value = headers.get(name, "").strip()
         if name == "authorization" and value.lower().startswith("bearer "):

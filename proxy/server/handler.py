@@ -18,7 +18,7 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from ..core.canonical import IncomingRequest, canonical_request, request_key
+from ..core.canonical import IncomingRequest, canonical_request, credential_values, request_key
 from ..core.cassette import Recording
 from ..core.errors import ProxyError, ReplayMiss
 from ..core.explain import explain_exhausted, explain_fingerprint, explain_miss
@@ -280,7 +280,8 @@ async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
             exchange = Exchange(
                 cassette=cassette, key=key, route=route, method=request.method, query=query,
                 headers=headers, body=body, canonical=canonical, forward=forward, mode=mode,
-                fingerprint=policy, occurrence=occurrence, secrets=tuple(secret_values(headers, settings)),
+                fingerprint=policy, occurrence=occurrence,
+                secrets=tuple(secret_values(headers, settings, credential_values(query.items()))),
             )
             if forward is None:
                 flight_name = f"pass\x1f{id(request)}"

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import aiohttp
 from yarl import URL
 
+from ..core.canonical import is_credential_param
 from ..core.errors import UpstreamError
 from ..core.providers import Route
 from ..core.settings import Settings
@@ -42,6 +43,10 @@ class Upstream:
         path = route.upstream_path
         if prefix.endswith("/v1") and path.startswith("/v1/"):
             path = path[3:]
+        if self._settings.auth_token is not None:
+            # The client's credential is the proxy's access token, which never leaves it.
+            query = {name: value for name, value in query.items()
+                     if not is_credential_param(name)}
         return root.with_path(prefix + path, encoded=False).with_query(dict(query))
 
     def headers(self, route: Route, incoming: Mapping[str, str]) -> dict[str, str]:
