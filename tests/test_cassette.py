@@ -49,7 +49,7 @@ def _entry() -> Entry:
     stream = Recording(status=200, headers={"content-type": "text/event-stream"},
                        events=(SseEvent(1.5, b"data: {\"x\":1}\n\n"),
                                SseEvent(2.0, b"data: [DONE]\n\n")))
-    return Entry("k" * 64, "chat.completions", {"route": "chat/completions", "body": {"b": 1,
+    return Entry("f" * 64, "chat.completions", {"route": "chat/completions", "body": {"b": 1,
                                                                                      "a": 2}}) \
         .add(recording).add(stream)
 
@@ -70,7 +70,7 @@ def test_entry_round_trips_and_file_is_pretty_and_sorted() -> None:
 @pytest.mark.parametrize(("raw", "fragment"), [
     (b"{ truncated", "not valid JSON"),
     (b"[]", "does not hold a JSON object"),
-    (b'{"format": 1, "key": "k"}', "missing or has a malformed field"),
+    (b'{"format": 1, "key": "k"}', "key: 'k' is not a key"),
     (b'{"format": "one"}', "no valid format version"),
 ])
 def test_corrupt_files_name_themselves(raw: bytes, fragment: str) -> None:
@@ -120,7 +120,7 @@ _EVENT_PIECES = st.sampled_from([
 
 @given(st.lists(_EVENT_PIECES, max_size=12).map(b"".join), st.floats(0, 1e6))
 def test_any_event_comes_back_byte_for_byte(raw: bytes, at_ms: float) -> None:
-    entry = Entry("k" * 64, "x", {}).add(Recording(200, {}, events=(SseEvent(at_ms, raw),)))
+    entry = Entry("f" * 64, "x", {}).add(Recording(200, {}, events=(SseEvent(at_ms, raw),)))
     decoded = decode_entry(encode_entry(entry), "e.json")
     assert decoded.recordings[0].events == (SseEvent(round(at_ms, 3), raw),)
 
@@ -130,7 +130,7 @@ def test_json_events_are_stored_as_objects_and_the_rest_as_text() -> None:
               SseEvent(2.0, b'event: response.completed\ndata: {"type":"response.completed"}\n\n'),
               SseEvent(3.0, b'data: {"logprob":-0.1000}\n\n'),  # 0.1000 would not come back
               SseEvent(4.0, b"data: [DONE]\n\n"))
-    entry = Entry("k" * 64, "x", {}).add(Recording(200, {}, events=events))
+    entry = Entry("f" * 64, "x", {}).add(Recording(200, {}, events=events))
     stored = orjson.loads(encode_entry(entry))["recordings"][0]["events"]
     assert stored[0] == {"at_ms": 1.0, "data": {"id": "c1",
                                                "choices": [{"delta": {"content": "Hi"}}]}}
@@ -143,7 +143,7 @@ def test_json_events_are_stored_as_objects_and_the_rest_as_text() -> None:
 
 def test_an_events_key_order_is_kept() -> None:
     raw = b'data: {"z":1,"a":{"y":2,"b":3}}\n\n'
-    entry = Entry("k" * 64, "x", {}).add(Recording(200, {}, events=(SseEvent(0, raw),)))
+    entry = Entry("f" * 64, "x", {}).add(Recording(200, {}, events=(SseEvent(0, raw),)))
     text = encode_entry(entry).decode()
     assert text.index('"z"') < text.index('"a"') and text.index('"y"') < text.index('"b"')
 

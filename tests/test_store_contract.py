@@ -45,7 +45,7 @@ async def test_get_missing_is_none(store: Store) -> None:
 
 
 async def test_put_then_get_round_trips(store: Store) -> None:
-    stream = Entry("s" * 64, "responses", {"route": "responses"}).add(Recording(
+    stream = Entry("5" * 64, "responses", {"route": "responses"}).add(Recording(
         200, {"content-type": "text/event-stream"},
         events=(SseEvent(0.5, b"event: a\ndata: {}\n\n"), SseEvent(1.0, b"\xff\x00\n\n"))))
     binary = entry("b" * 64, answer=b"\x00ID3\xff", label="audio.speech")

@@ -94,9 +94,10 @@ def answer_text(recording: Recording) -> str:
             continue
         if data.get("type") == "response.output_text.delta":
             pieces.append(str(data.get("delta", "")))
-        for choice in data.get("choices") or []:
-            delta = choice.get("delta") or {}
-            pieces.append(str(delta.get("content") or choice.get("text") or ""))
+        for choice in _objects(data.get("choices")):
+            delta = _objects([choice.get("delta")])
+            content = delta[0].get("content") if delta else None
+            pieces.append(str(content or choice.get("text") or ""))
     return "".join(pieces)
 
 
@@ -104,14 +105,21 @@ def _text_of(body: Any) -> str:
     if not isinstance(body, dict):
         return ""
     pieces: list[str] = []
-    for choice in body.get("choices") or []:
-        message = choice.get("message") or {}
-        pieces.append(str(message.get("content") or choice.get("text") or ""))
-    for item in body.get("output") or []:
-        for content in item.get("content") or [] if isinstance(item, dict) else []:
-            if isinstance(content, dict) and content.get("type") == "output_text":
+    for choice in _objects(body.get("choices")):
+        message = _objects([choice.get("message")])
+        content = message[0].get("content") if message else None
+        pieces.append(str(content or choice.get("text") or ""))
+    for item in _objects(body.get("output")):
+        for content in _objects(item.get("content")):
+            if content.get("type") == "output_text":
                 pieces.append(str(content.get("text", "")))
     return "".join(pieces)
+
+
+def _objects(value: Any) -> list[dict[str, Any]]:
+    """The objects of a JSON list, skipping anything else: answers (from an upstream, or a
+    cassette someone edited) need not have the shape the API documents."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
 def word_diff(old: str, new: str) -> str:

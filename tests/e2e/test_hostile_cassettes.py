@@ -1,0 +1,200 @@
+"""Cassettes from a pull request, and stores shared by a fleet, against the running proxy and
+the `replay-proxy` command: a file or row edited by someone the maintainers do not trust runs
+no code, writes nothing outside the store, sends nothing the proxy did not allowlist, and
+breaks nothing but itself: it is reported by name, and every other key keeps working.
+
+Each test edits stored data the way an attacker would, then checks both halves: the attack
+fails, and the honest keys beside it still replay.
+"""
+
+from __future__ import annotations
+
+import http.client
+import time
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import httpx2
+import orjson
+import pytest
+from click.testing import CliRunner, Result
+from replay_proxy.core.modes import Mode
+from replay_proxy.core.settings import ReplayTiming
+from replay_proxy.tools.cli import main
+
+from tests.conftest import SECRET_KEY, ProxyFactory, recorded_files
+
+AUTH = {"Authorization": f"Bearer {SECRET_KEY}"}
+
+
+def chat(seed: int, stream: bool = False) -> dict[str, Any]:
+    return {"model": "gpt-4o-mini", "seed": seed, "stream": stream,
+            "messages": [{"role": "user", "content": f"Say something about {seed}"}]}
+
+
+def ask(url: str, seed: int, cassette: str = "default", stream: bool = False) -> httpx2.Response:
+    return httpx2.post(f"{url}/c/{cassette}/v1/chat/completions", json=chat(seed, stream),
+                       headers=AUTH, timeout=20)
+
+
+def record(make_proxy: ProxyFactory, *seeds: int, stream: bool = False,
+           **settings: Any) -> dict[int, str]:
+    """Record one answer per seed; their keys by seed."""
+    keys = {}
+    with make_proxy(Mode.RECORD, **settings) as proxy:
+        for seed in seeds:
+            response = ask(proxy.url, seed, stream=stream)
+            assert response.status_code == 200, response.text
+            keys[seed] = response.headers["x-replay-key"]
+    return keys
+
+
+def file_of(cassettes: Path, key: str) -> Path:
+    [path] = [p for p in recorded_files(cassettes) if p.name.endswith(f"-{key}.json")]
+    return path
+
+
+def edit(path: Path, change: Any) -> None:
+    document = orjson.loads(path.read_bytes())
+    change(document)
+    path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
+
+
+def error_of(response: httpx2.Response) -> dict[str, Any]:
+    error: dict[str, Any] = response.json()["error"]
+    assert set(error) >= {"message", "type", "code"}
+    return error
+
+
+def cli(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+# ---- 3. replay sends only allowlisted headers and statuses ----------------------------------
+
+SMUGGLED = ("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n"
+            '{"smuggled":true}')
+
+
+def test_a_recorded_content_length_cannot_poison_a_keep_alive_connection(
+        make_proxy: ProxyFactory, cassettes: Path) -> None:
+    keys = record(make_proxy, 1, 2)
+
+    def poison(document: dict[str, Any]) -> None:
+        recording = document["recordings"][0]
+        recording["headers"]["content-length"] = "0"
+        recording.update(body_encoding="text", body=SMUGGLED)
+
+    edit(file_of(cassettes, keys[1]), poison)
+    with make_proxy(Mode.REPLAY) as proxy:
+        host, port = proxy.url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        answers = []
+        for seed in (1, 2):  # one connection, kept alive: the second answer must be its own
+            connection.request("POST", "/v1/chat/completions", body=orjson.dumps(chat(seed)),
+                               headers={**AUTH, "Content-Type": "application/json"})
+            response = connection.getresponse()
+            answers.append((response.status, response.getheader("x-replay-key"),
+                            response.read()))
+        connection.close()
+    (first_status, _, first_body), (second_status, second_key, second_body) = answers
+    assert first_status == 500 and b"content-length" in first_body
+    assert str(file_of(cassettes, keys[1])).encode() in first_body
+    assert second_status == 200 and second_key == keys[2]
+    assert b"smuggled" not in second_body and orjson.loads(second_body)["choices"]
+
+
+@pytest.mark.parametrize(("header", "status"), [
+    ("set-cookie", 200), ("location", 302), ("transfer-encoding", 200), ("connection", 200),
+    (None, 0), (None, 101), (None, 1000), (None, 199), (None, 600)])
+def test_headers_and_statuses_replay_never_sends_are_refused(
+        make_proxy: ProxyFactory, cassettes: Path, header: str | None, status: int) -> None:
+    keys = record(make_proxy, 1, 2)
+
+    def tamper(document: dict[str, Any]) -> None:
+        recording = document["recordings"][0]
+        recording["status"] = status
+        if header is not None:
+            recording["headers"][header] = "session=stolen; Path=/"
+
+    edit(file_of(cassettes, keys[1]), tamper)
+    with make_proxy(Mode.REPLAY) as proxy:
+        refused = ask(proxy.url, 1)
+        assert refused.status_code == 500
+        assert "set-cookie" not in refused.headers and "location" not in refused.headers
+        message = error_of(refused)["message"]
+        assert str(file_of(cassettes, keys[1])) in message
+        assert ("status" in message) if header is None else (header in message)
+        assert ask(proxy.url, 2).status_code == 200
+
+
+# ---- 4. one bad recording breaks only itself ---------------------------------------------------
+
+@pytest.fixture(params=["directory", "diskcache", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
+    if request.param == "directory":
+        return None
+    if request.param == "diskcache":
+        return f"diskcache:{tmp_path / 'cache'}"
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
+def overwrite(store: str | None, cassettes: Path, key: str, raw: bytes) -> str:
+    """Replace the stored bytes of a key, as an edit to a store would; the store's name for it."""
+    if store is None:
+        path = file_of(cassettes, key)
+        path.write_bytes(raw)
+        return str(path)
+    if store.startswith("diskcache:"):
+        cache = diskcache.Cache(store.removeprefix("diskcache:"))
+        cache.set(f"default\x1f{key}", raw)
+        cache.close()
+        return store.removeprefix("diskcache:")
+    import redis
+
+    client = redis.Redis.from_url(store)
+    client.set(f"replay:{{default}}:e:{key}", raw)
+    client.close()
+    return store
+
+
+@pytest.mark.parametrize("recordings", [["abc"], "abc", [[]]])
+def test_a_bad_recording_breaks_only_its_own_key(
+        make_proxy: ProxyFactory, cassettes: Path, store: str | None,
+        recordings: Any) -> None:
+    keys = record(make_proxy, 1, 2, store=store)
+    if store is None:
+        document = orjson.loads(file_of(cassettes, keys[2]).read_bytes())
+    else:
+        document = {"format": 2, "key": keys[2], "label": "chat.completions", "request": {}}
+    named = overwrite(store, cassettes, keys[2], orjson.dumps({**document,
+                                                               "recordings": recordings}))
+    with make_proxy(Mode.REPLAY, store=store) as proxy:
+        broken = ask(proxy.url, 2)
+        assert broken.status_code == 500 and named in error_of(broken)["message"]
+        assert error_of(broken)["code"] == "cassette_corrupt"
+        miss = ask(proxy.url, 3)
+        assert miss.status_code == 404, miss.text  # explained against the readable key
+        assert keys[1][:16] in error_of(miss)["message"]
+        assert ask(proxy.url, 1).headers["x-replay-status"] == "hit"
+    listed = cli("ls", "--cassettes", str(cassettes), *(["--store", store] if store else []))
+    assert listed.exit_code == 0, listed.output
+    assert keys[1][:12] in listed.output and named in listed.output
+
+
+# ---- 5. pacing from a recording cannot hang a stream -------------------------------------------
+
+@pytest.mark.parametrize("at_ms", ["inf", 1e300, -5, 86_400_001, None])
+def test_an_event_time_that_is_no_time_is_refused_on_load(
+        make_proxy: ProxyFactory, cassettes: Path, at_ms: Any) -> None:
+    keys = record(make_proxy, 1, 2, stream=True)
+    edit(file_of(cassettes, keys[1]),
+         lambda doc: doc["recordings"][0]["events"][0].update(at_ms=at_ms))
+    with make_proxy(Mode.REPLAY, replay_timing=ReplayTiming(1.0)) as proxy:
+        started = time.monotonic()
+        refused = ask(proxy.url, 1, stream=True)
+        assert refused.status_code == 500 and "at_ms" in error_of(refused)["message"]
+        assert ask(proxy.url, 2, stream=True).status_code == 200
+        assert time.monotonic() - started < 5
