@@ -7,8 +7,9 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..core.cassette import Entry, decode_entry
-from ..core.errors import CassetteError
+from ..core.cassette import Entry, decode_entry, is_key, is_label
+from ..core.errors import CassetteError, ProxyError
+from ..core.providers import validate_cassette_name
 
 
 @dataclass(frozen=True)
@@ -23,13 +24,48 @@ class StoredItem:
     size: int = 0
 
 
+def checked_entry(raw: bytes, source: str, key: str, label: str | None = None) -> Entry:
+    """The entry stored under `key` (and, where a store's names carry one, `label`): decoded,
+    and refused unless it is the entry of the place it was found at. A store builds paths
+    from names it checked, never from what a file says, so a file claiming another key (or a
+    key like `/../x`) would otherwise be written back elsewhere by refresh or `pin`."""
+    entry = decode_entry(raw, source)
+    if entry.key != key or (label is not None and entry.label != label):
+        claimed = f"{entry.label}-{entry.key}" if label is not None else entry.key
+        where = f"{label}-{key}" if label is not None else key
+        raise CassetteError(
+            f"Cassette file {source} says it holds {claimed[:90]!r} but is stored as "
+            f"{where[:90]!r}: it was copied or edited by hand. Restore it from version control, "
+            "or delete it to record again; other recordings are unaffected."
+        )
+    return entry
+
+
 def stored_item(cassette: str, label: str, key: str, raw: bytes, source: str) -> StoredItem:
-    """A listed key: its decoded entry, or the error that says why it cannot be read."""
+    """A listed key: its checked entry, or the error that says why it cannot be used. `label`
+    is the one in the stored name, or "" where a store's names carry none."""
     try:
-        entry = decode_entry(raw, source)
+        validate_cassette_name(cassette)
+    except ProxyError as exc:
+        return StoredItem(cassette, label, key, None, CassetteError(
+            f"{source}: {exc.message} Nothing stored under it is used."), len(raw))
+    try:
+        entry = checked_entry(raw, source, key, label or None)
     except CassetteError as exc:
         return StoredItem(cassette, label, key, None, exc, len(raw))
     return StoredItem(cassette, entry.label, entry.key, entry, None, len(raw))
+
+
+def writable_name(cassette: str, entry_key: str, label: str) -> None:
+    """Refuse to store under a name a store would not have made: a cassette name that is not
+    one, a key that is not 64 hex digits, a label that is not file-name safe."""
+    validate_cassette_name(cassette)
+    if not is_key(entry_key) or not is_label(label):
+        raise CassetteError(
+            f"Refusing to store key {entry_key[:80]!r} with label {label[:80]!r} in cassette "
+            f"{cassette!r}: a key is 64 lowercase hex digits and a label a file-name-safe route "
+            "name. This entry did not come from replay-proxy."
+        )
 
 
 class Store(Protocol):

@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
-from ..core.cassette import Entry, decode_entry, encode_entry
-from .base import StoredItem, stored_item
+from ..core.cassette import Entry, encode_entry, is_key, is_label
+from ..core.errors import CassetteError, ProxyError
+from ..core.providers import validate_cassette_name
+from .base import StoredItem, checked_entry, stored_item, writable_name
 from .locking import StripedLocks
 from .sequences import LocalSequences
 from .state_dir import STATE_DIR
@@ -38,26 +40,47 @@ class DirectoryStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.description = f"directory {root}"
-        self._folders: set[Path] = set()
+        self._folders: set[Path] = set()  # folders made and checked to lie inside the root
+        self._real_root: Path | None = None
         self._sequences = LocalSequences(root / STATE_DIR / "sequences")
         self._locks = StripedLocks(root / STATE_DIR / "locks")
         self._write_cost = 0.0  # seconds: a moving average of the writes made on the loop
 
     def path_for(self, cassette: str, key: str, label: str) -> Path:
+        """The file of a key: built from a checked cassette name, key and label only."""
+        writable_name(cassette, key, label)
         return self.root / cassette / f"{label}-{key}.json"
 
+    def _inside(self, path: Path) -> Path:
+        """`path`, unless a symbolic link on the way leads out of the cassette root: a folder or
+        file committed as a link to elsewhere must not be read, written or deleted through."""
+        real_root = self._real_root or self.root.resolve()
+        if self._real_root is None and self.root.is_dir():
+            self._real_root = real_root
+        if not path.resolve().is_relative_to(real_root):
+            raise CassetteError(
+                f"{path} is a symbolic link (or lies under one) that leads out of the cassette "
+                f"root {self.root}; replay-proxy never reads or writes through it. Replace the "
+                "link with a folder or file of its own."
+            )
+        return path
+
     async def get(self, cassette: str, key: str, label: str) -> Entry | None:
-        path = self.path_for(cassette, key, label)
+        path = self._inside(self.path_for(cassette, key, label))
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
             return None
-        return decode_entry(raw, str(path))
+        except OSError as exc:
+            raise CassetteError(f"Cassette file {path} cannot be read ({exc.strerror}).") from exc
+        return checked_entry(raw, str(path), key, label)
 
     async def put(self, cassette: str, entry: Entry) -> None:
         path = self.path_for(cassette, entry.key, entry.label)
         if path.parent not in self._folders:
+            self._inside(path.parent)
             path.parent.mkdir(parents=True, exist_ok=True)
+            self._inside(path.parent)  # nothing on the way was swapped for a link meanwhile
             self._folders.add(path.parent)
         data = encode_entry(entry)
         if self._write_cost > SLOW_WRITE_S:
@@ -72,7 +95,12 @@ class DirectoryStore:
 
     async def delete(self, cassette: str, key: str, label: str) -> bool:
         try:
-            self.path_for(cassette, key, label).unlink()
+            path = self.path_for(cassette, key, label)
+            self._inside(path.parent)  # a linked file may go, nothing through a linked folder
+        except ProxyError:  # (CassetteError included) no file this store would have made
+            return False
+        try:
+            path.unlink()
         except FileNotFoundError:
             return False
         return True
@@ -81,16 +109,28 @@ class DirectoryStore:
         if not self.root.is_dir():
             return []
         names = set()
-        for path in self.root.rglob("*.json"):
-            relative = path.parent.relative_to(self.root)
-            if path.name.startswith(".") or any(p.startswith(".") for p in relative.parts):
-                continue
-            if relative.parts:
+        # os.walk does not follow links to folders; a linked folder is listed by name, so that
+        # `ls` shows it refused (or, when it stays inside the root, its files under its name).
+        for folder, folders, files in os.walk(self.root):
+            here = Path(folder)
+            relative = here.relative_to(self.root)
+            folders[:] = [name for name in folders if not name.startswith(".")]
+            for name in folders:
+                if (here / name).is_symlink():
+                    names.add((relative / name).as_posix())
+            if relative.parts and any(name.endswith(".json") and not name.startswith(".")
+                                      for name in files):
                 names.add(relative.as_posix())
         return sorted(names)
 
     async def items(self, cassette: str) -> Sequence[StoredItem]:
         folder = self.root / cassette
+        try:
+            validate_cassette_name(cassette)
+            self._inside(folder)
+        except ProxyError as exc:  # CassetteError included
+            error = CassetteError(f"Cassette {cassette!r} in {self.root}: {exc.message}")
+            return [StoredItem(cassette, "", "", None, error)]
         if not folder.is_dir():
             return []
         found = []
@@ -98,7 +138,21 @@ class DirectoryStore:
             if path.name.startswith("."):
                 continue
             label, _, key = path.stem.rpartition("-")
-            found.append(stored_item(cassette, label, key, path.read_bytes(), str(path)))
+            if not is_key(key) or not is_label(label):
+                found.append(StoredItem(cassette, label, key, None, CassetteError(
+                    f"Cassette file {path} is not named <label>-<key>.json as replay-proxy "
+                    "names its files, so it is never used. Rename or delete it.")))
+                continue
+            try:
+                raw = self._inside(path).read_bytes()
+            except CassetteError as exc:
+                found.append(StoredItem(cassette, label, key, None, exc))
+                continue
+            except OSError as exc:
+                found.append(StoredItem(cassette, label, key, None, CassetteError(
+                    f"Cassette file {path} cannot be read ({exc.strerror}).")))
+                continue
+            found.append(stored_item(cassette, label, key, raw, str(path)))
         return found
 
     def lock(self, cassette: str, key: str) -> AbstractAsyncContextManager[None]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import diskcache
 
-from ..core.cassette import Entry, decode_entry, encode_entry
-from .base import StoredItem, stored_item
+from ..core.cassette import Entry, encode_entry
+from .base import StoredItem, checked_entry, stored_item, writable_name
 from .diskcache_disk import NoPickleDisk
 from .locking import StripedLocks
 from .sequences import LocalSequences
@@ -32,9 +32,10 @@ class DiskcacheStore:
         raw = self._cache.get(self._name(cassette, key))
         if raw is None:
             return None
-        return decode_entry(bytes(raw), f"{self.description} [{cassette}/{label}-{key}]")
+        return checked_entry(bytes(raw), f"{self.description} [{cassette}/{label}-{key}]", key)
 
     async def put(self, cassette: str, entry: Entry) -> None:
+        writable_name(cassette, entry.key, entry.label)
         self._cache.set(self._name(cassette, entry.key), encode_entry(entry))
 
     async def delete(self, cassette: str, key: str, label: str) -> bool:

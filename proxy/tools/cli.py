@@ -547,25 +547,34 @@ def stats(cassettes: Path, cassette: str | None, run_id: str | None, as_json: bo
     click.echo(table(rows, ["run", "mode", *columns]))
 
 
-def _copy(source: str, target: str, cassette: str | None, quiet: bool) -> int:
-    async def run() -> int:
+def _copy(source: str, target: str, cassette: str | None,
+          quiet: bool) -> tuple[int, list[str]]:
+    """(keys copied, why each other key was not): one unreadable key stops no other."""
+    async def run() -> tuple[int, list[str]]:
         origin, destination = open_store(source), open_store(target)
-        copied = 0
+        copied, refused = 0, []
         try:
             names = [cassette] if cassette else await origin.cassettes()
             items = [item for name in names for item in await origin.items(name)]
             with _progress(len(items), "copying", quiet) as done:
                 for item in items:
                     if item.entry is None:
-                        raise click.ClickException(item.error.message if item.error
-                                                   else f"unreadable {item.key}")
-                    await destination.put(item.cassette, item.entry)
+                        refused.append(item.error.message if item.error
+                                       else f"unreadable {item.key}")
+                        done()
+                        continue
+                    try:
+                        await destination.put(item.cassette, item.entry)
+                    except ProxyError as exc:  # a name the destination will not store under
+                        refused.append(exc.message)
+                        done()
+                        continue
                     copied += 1
                     done()
         finally:
             await origin.close()
             await destination.close()
-        return copied
+        return copied, refused
 
     return asyncio.run(run())
 
@@ -581,11 +590,16 @@ def export_command(source: str, target: str, cassette: str | None, as_json: bool
     _report_copy(source, target, _copy(source, target, cassette, as_json), as_json)
 
 
-def _report_copy(source: str, target: str, copied: int, as_json: bool) -> None:
+def _report_copy(source: str, target: str, result: tuple[int, list[str]], as_json: bool) -> None:
+    copied, refused = result
     if as_json:
-        _echo_json({"from": source, "to": target, "copied": copied})
+        _echo_json({"from": source, "to": target, "copied": copied, "refused": refused})
     else:
         click.echo(f"copied {copied} key(s) from {source} to {target}")
+        for reason in refused:
+            click.echo(f"not copied: {reason}", err=True)
+    if refused:
+        sys.exit(1)
 
 
 @main.command("import")

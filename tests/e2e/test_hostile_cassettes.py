@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,144 @@ def error_of(response: httpx2.Response) -> dict[str, Any]:
 
 def cli(*args: str) -> Result:
     return CliRunner().invoke(main, list(args))
+
+
+def files_outside(tmp_path: Path, root: Path) -> dict[Path, bytes]:
+    """Every file under tmp_path but outside the store root, with its bytes."""
+    return {path: path.read_bytes() for path in tmp_path.rglob("*")
+            if path.is_file() and root not in path.parents and ".replay-proxy" not in path.parts}
+
+
+# ---- 2. nothing is written, read or deleted outside the store --------------------------------
+
+HOSTILE_NAME = {"label": "../../victim", "key": "x"}  # root/default/../../victim-x.json
+
+
+def test_refresh_and_pin_never_write_where_a_file_says(make_proxy: ProxyFactory,
+                                                       cassettes: Path, tmp_path: Path) -> None:
+    keys = record(make_proxy, 1, 2, 3)
+    victim = tmp_path / "victim-x.json"
+    victim.write_text("keep me")
+    edit(file_of(cassettes, keys[1]), lambda doc: doc.update(HOSTILE_NAME))
+    edit(file_of(cassettes, keys[2]), lambda doc: doc.update(key="/../package"))
+    # A valid key, but another one's: written back, it would replace that key's recording.
+    edit(file_of(cassettes, keys[3]), lambda doc: doc.update(key=keys[1]))
+    outside = files_outside(tmp_path, cassettes)
+    inside = {path: path.read_bytes() for path in recorded_files(cassettes)}
+
+    with make_proxy(Mode.REFRESH) as proxy:
+        for seed in (1, 2, 3):
+            refused = ask(proxy.url, seed)
+            assert refused.status_code == 500, refused.text
+            message = error_of(refused)["message"]
+            assert str(file_of(cassettes, keys[seed])) in message
+        assert ask(proxy.url, 4).status_code == 200  # a healthy key still records
+    for seed in (1, 2, 3):
+        result = cli("pin", keys[seed][:10], "--fingerprint", "fp_sim_a1b2c3",
+                     "--cassettes", str(cassettes))
+        assert result.exit_code == 1 and str(file_of(cassettes, keys[seed])) in result.output
+    assert files_outside(tmp_path, cassettes) == outside
+    for path, raw in inside.items():
+        assert path.read_bytes() == raw
+
+
+def test_prune_deletes_by_the_names_it_listed_never_by_what_a_file_says(
+        make_proxy: ProxyFactory, cassettes: Path, tmp_path: Path) -> None:
+    keys = record(make_proxy, 1, 2)
+    victim = tmp_path / "victim-x.json"
+    victim.write_text("keep me")
+    edit(file_of(cassettes, keys[1]), lambda doc: doc.update(HOSTILE_NAME))
+    with make_proxy(Mode.REPLAY) as proxy:
+        assert ask(proxy.url, 2).status_code == 200  # a run that used key 2 only
+    pruned = cli("prune", "--cassettes", str(cassettes))
+    assert pruned.exit_code == 0, pruned.output
+    assert victim.read_text() == "keep me"
+    assert [p.name for p in recorded_files(cassettes)] == [f"chat.completions-{keys[2]}.json"]
+
+
+def test_export_and_import_never_write_outside_the_target(
+        make_proxy: ProxyFactory, cassettes: Path, tmp_path: Path, redis_url: str) -> None:
+    import redis
+
+    keys = record(make_proxy, 1, 2)
+    good = file_of(cassettes, keys[2]).read_bytes()
+    edit(file_of(cassettes, keys[1]), lambda doc: doc.update(HOSTILE_NAME))
+    outside = files_outside(tmp_path, cassettes)
+    cache = f"diskcache:{tmp_path / 'cache'}"
+
+    exported = cli("export", "--from", str(cassettes), "--to", cache)
+    assert exported.exit_code == 1 and "copied 1 key(s)" in exported.output
+    assert str(file_of(cassettes, keys[1])) in exported.output
+    # The same hostile bytes, planted under an honest row name of a diskcache store ...
+    planted = diskcache.Cache(str(tmp_path / "cache"))
+    planted.set(f"default\x1f{keys[1]}", file_of(cassettes, keys[1]).read_bytes())
+    planted.close()
+    # ... and under a cassette name that leaves the root, in Redis.
+    client = redis.Redis.from_url(redis_url)
+    client.sadd("replay:cassettes", "../../escape")
+    client.sadd("replay:{../../escape}:index", keys[2])
+    client.set(f"replay:{{../../escape}}:e:{keys[2]}", good)
+    client.close()
+
+    back = tmp_path / "back"
+    for source in (cache, redis_url):
+        imported = cli("import", "--from", source, "--to", str(back))
+        assert imported.exit_code == 1, imported.output
+    assert files_outside(tmp_path, cassettes).keys() - outside.keys() == {
+        back / "default" / f"chat.completions-{keys[2]}.json",
+        *(p for p in (tmp_path / "cache").rglob("*") if p.is_file())}
+    assert (back / "default" / f"chat.completions-{keys[2]}.json").read_bytes() == good
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "victim-x.json").exists()
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Iterator[Path]:
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    yield folder
+
+
+def test_links_out_of_the_root_are_refused(make_proxy: ProxyFactory, cassettes: Path,
+                                           tmp_path: Path, outside: Path) -> None:
+    keys = record(make_proxy, 1, 2)
+    # A cassette folder that is a link to a folder elsewhere, holding a valid recording ...
+    (outside / file_of(cassettes, keys[1]).name).write_bytes(file_of(cassettes, keys[1])
+                                                            .read_bytes())
+    (cassettes / "linked").symlink_to(outside, target_is_directory=True)
+    # ... and a cassette file that is a link to a file elsewhere.
+    secret = outside / "secret.json"
+    secret.write_bytes(file_of(cassettes, keys[2]).read_bytes())
+    file_of(cassettes, keys[2]).unlink()
+    (cassettes / "default" / f"chat.completions-{keys[2]}.json").symlink_to(secret)
+    before = sorted(outside.iterdir())
+
+    with make_proxy(Mode.RECORD) as proxy:
+        refused = ask(proxy.url, 1, cassette="linked")
+        assert refused.status_code == 500 and "symbolic link" in error_of(refused)["message"]
+        assert ask(proxy.url, 5, cassette="linked").status_code == 500  # nothing recorded there
+        assert ask(proxy.url, 2).status_code == 500
+        assert ask(proxy.url, 1).headers["x-replay-status"] == "hit"
+        assert ask(proxy.url, 6, cassette="linked/deeper").status_code == 500
+    assert sorted(outside.iterdir()) == before
+    rows = orjson.loads(cli("ls", "--cassettes", str(cassettes), "--json").output)
+    refusals = {row["cassette"]: row["error"] for row in rows if row.get("error")}
+    assert set(refusals) == {"default", "linked"}
+    assert all("symbolic link" in error for error in refusals.values())
+
+
+def test_a_linked_state_folder_is_not_written_through(make_proxy: ProxyFactory, cassettes: Path,
+                                                      outside: Path) -> None:
+    """`.replay-proxy/` (locks, counters, usage log) committed as a link to elsewhere."""
+    import shutil
+
+    record(make_proxy, 1)
+    shutil.rmtree(cassettes / ".replay-proxy")
+    (cassettes / ".replay-proxy").symlink_to(outside, target_is_directory=True)
+    with make_proxy(Mode.RECORD) as proxy:
+        assert ask(proxy.url, 1).headers["x-replay-status"] == "hit"
+        refused = ask(proxy.url, 2)  # recording takes a lock, kept in that folder
+        assert refused.status_code == 500 and "symbolic link" in error_of(refused)["message"]
+    assert list(outside.iterdir()) == []
 
 
 # ---- 3. replay sends only allowlisted headers and statuses ----------------------------------
