@@ -11,6 +11,10 @@ from ..core.cassette import Entry, decode_entry, is_key, is_label
 from ..core.errors import CassetteError, ProxyError
 from ..core.providers import validate_cassette_name
 
+# The cassette of rows a store cannot attribute to any cassette (a diskcache row whose key is a
+# pickle, say): no valid cassette name looks like it, so it never meets a real one.
+UNATTRIBUTED = "(unattributed)"
+
 
 @dataclass(frozen=True)
 class StoredItem:

@@ -8,13 +8,23 @@ from pathlib import Path
 
 import diskcache
 
-from ..core.cassette import Entry, encode_entry
-from .base import StoredItem, checked_entry, stored_item, writable_name
-from .diskcache_disk import NoPickleDisk
+from ..core.cassette import Entry, encode_entry, is_key
+from ..core.errors import CassetteError, ProxyError
+from ..core.providers import validate_cassette_name
+from .base import UNATTRIBUTED, StoredItem, checked_entry, stored_item, writable_name
+from .diskcache_disk import NoPickleDisk, RefusedKey
 from .locking import StripedLocks
 from .sequences import LocalSequences
 
 _SEPARATOR = "\x1f"
+
+
+def _valid_cassette(name: str) -> bool:
+    try:
+        validate_cassette_name(name)
+    except ProxyError:
+        return False
+    return True
 
 
 class DiskcacheStore:
@@ -28,11 +38,23 @@ class DiskcacheStore:
     def _name(self, cassette: str, key: str) -> str:
         return f"{cassette}{_SEPARATOR}{key}"
 
+    def _source(self, cassette: str, key: str, label: str = "") -> str:
+        return f"{self.description} [{cassette}/{f'{label}-' if label else ''}{key}]"
+
+    def _raw(self, name: str, source: str) -> bytes | None:
+        """The bytes stored under `name`; anything else replay-proxy never writes is refused."""
+        raw = self._cache.get(name)  # NoPickleDisk refuses pickles and foreign value files
+        if raw is None or isinstance(raw, bytes):
+            return raw
+        raise CassetteError(f"Cassette entry {source} holds a {type(raw).__name__}, not the "
+                            "bytes replay-proxy writes; delete it (or the store's folder).")
+
     async def get(self, cassette: str, key: str, label: str) -> Entry | None:
-        raw = self._cache.get(self._name(cassette, key))
+        source = self._source(cassette, key, label)
+        raw = self._raw(self._name(cassette, key), source)
         if raw is None:
             return None
-        return checked_entry(bytes(raw), f"{self.description} [{cassette}/{label}-{key}]", key)
+        return checked_entry(raw, source, key)
 
     async def put(self, cassette: str, entry: Entry) -> None:
         writable_name(cassette, entry.key, entry.label)
@@ -41,22 +63,42 @@ class DiskcacheStore:
     async def delete(self, cassette: str, key: str, label: str) -> bool:
         return bool(self._cache.delete(self._name(cassette, key)))
 
+    def _rows(self) -> tuple[dict[str, list[str]], list[StoredItem]]:
+        """The keys of each cassette, and the rows no cassette can claim: a key that is a
+        pickle (never loaded), or not `<cassette>\x1f<key>` with both valid."""
+        keys: dict[str, list[str]] = {}
+        foreign: list[StoredItem] = []
+        for name in self._cache.iterkeys():
+            cassette, separator, key = name.partition(_SEPARATOR) if isinstance(name, str) \
+                else ("", "", "")
+            if separator and is_key(key) and _valid_cassette(cassette):
+                keys.setdefault(cassette, []).append(key)
+                continue
+            shown = str(name) if isinstance(name, RefusedKey) else repr(name)[:80]
+            foreign.append(StoredItem(UNATTRIBUTED, "", shown, None, CassetteError(
+                f"The diskcache store at {self.path} holds a row whose key is {shown}, which "
+                "replay-proxy never writes (it was not loaded). Delete the store's folder, or "
+                "export what it holds first.")))
+        return keys, foreign
+
     async def cassettes(self) -> list[str]:
-        names = {str(name).split(_SEPARATOR)[0] for name in self._cache.iterkeys()}
-        return sorted(names)
+        keys, foreign = self._rows()
+        return sorted(keys) + ([UNATTRIBUTED] if foreign else [])
 
     async def items(self, cassette: str) -> Sequence[StoredItem]:
-        prefix = cassette + _SEPARATOR
+        keys, foreign = self._rows()
+        if cassette == UNATTRIBUTED:
+            return foreign
         found = []
-        for name in sorted(str(n) for n in self._cache.iterkeys()):
-            if not name.startswith(prefix):
+        for key in sorted(keys.get(cassette, [])):
+            source = self._source(cassette, key)
+            try:
+                raw = self._raw(self._name(cassette, key), source)
+            except CassetteError as exc:
+                found.append(StoredItem(cassette, "", key, None, exc))
                 continue
-            key = name[len(prefix):]
-            raw = self._cache.get(name)
-            if raw is None:
-                continue
-            found.append(stored_item(cassette, "", key, bytes(raw),
-                                     f"{self.description} [{cassette}/{key}]"))
+            if raw is not None:
+                found.append(stored_item(cassette, "", key, raw, source))
         return found
 
     def lock(self, cassette: str, key: str) -> AbstractAsyncContextManager[None]:

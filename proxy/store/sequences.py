@@ -19,6 +19,7 @@ from typing import Any
 
 import diskcache
 
+from ..core.errors import CassetteError
 from .diskcache_disk import NoPickleDisk
 from .state_dir import STATE_DIR, ensure_state_dir
 
@@ -56,7 +57,7 @@ class LocalSequences:
             self._memory[name] += 1
             return self._memory[name]
         with cache.transact():
-            value = int(cache.get(name, 0)) + 1
+            value = self._count(cache.get(name, 0)) + 1
             cache.set(name, value, expire=SESSION_TTL_S, tag=session)
         return value
 
@@ -69,9 +70,21 @@ class LocalSequences:
             self._memory[name] = max(0, self._memory[name] - 1)
             return
         with cache.transact():
-            value = int(cache.get(name, 0))
+            value = self._count(cache.get(name, 0))
             if value > 0:
                 cache.set(name, value - 1, expire=SESSION_TTL_S, tag=session)
+
+    def _count(self, value: object) -> int:
+        """A stored counter. The folder is the proxy's own, but it sits beside the cassettes:
+        what it holds is checked like anything else read back (NoPickleDisk has already refused
+        pickles and files it did not make)."""
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        raise CassetteError(
+            f"A sequence counter in {self.folder} holds a {type(value).__name__} that is no "
+            "count, which replay-proxy never writes. Delete that folder: it holds only "
+            "counters, which start again from the first request of each session."
+        )
 
     async def reset(self, session: str) -> None:
         cache = self._counters()

@@ -10,6 +10,8 @@ fails, and the honest keys beside it still replay.
 from __future__ import annotations
 
 import http.client
+import os
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ import pytest
 from click.testing import CliRunner, Result
 from replay_proxy.core.modes import Mode
 from replay_proxy.core.settings import ReplayTiming
+from replay_proxy.store.base import UNATTRIBUTED
 from replay_proxy.tools.cli import main
 
 from tests.conftest import SECRET_KEY, ProxyFactory, recorded_files
@@ -76,6 +79,104 @@ def files_outside(tmp_path: Path, root: Path) -> dict[Path, bytes]:
     """Every file under tmp_path but outside the store root, with its bytes."""
     return {path: path.read_bytes() for path in tmp_path.rglob("*")
             if path.is_file() and root not in path.parents and ".replay-proxy" not in path.parts}
+
+
+class Exploit:
+    """What an attacker pickles: loading it creates `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(self.marker),))  # type: ignore[return-value]
+
+
+# ---- 1. nothing read from a store is ever unpickled, keys included --------------------------
+
+def test_a_pickled_key_runs_no_code_and_breaks_no_command(make_proxy: ProxyFactory,
+                                                          tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    store = f"diskcache:{cache_dir}"
+    keys = record(make_proxy, 1, 2, store=store)
+    marker = tmp_path / "pwned"
+    planted = diskcache.Cache(str(cache_dir))  # diskcache's own Disk pickles what it must
+    planted.set(Exploit(marker), b"{}")  # a row whose key is a pickle
+    planted.set(f"default\x1f{keys[2]}", Exploit(marker))  # and one whose value is
+    planted.close()
+
+    listed = cli("ls", "--store", store)
+    assert listed.exit_code == 0, listed.output
+    assert keys[1][:12] in listed.output and UNATTRIBUTED in listed.output
+    rows = orjson.loads(cli("ls", "--store", store, "--json").output)
+    errors = [row["error"] for row in rows if row.get("error")]
+    assert len(errors) == 2 and all(str(cache_dir) in error for error in errors)
+    assert any("pickled key" in error for error in errors)
+    assert [row["seed"] for row in rows if not row.get("error")] == [1]
+
+    with make_proxy(Mode.REPLAY, store=store) as proxy:
+        assert ask(proxy.url, 1).headers["x-replay-status"] == "hit"  # other keys keep working
+        miss = ask(proxy.url, 3)  # a miss lists the cassette's keys to explain itself
+        assert miss.status_code == 404 and keys[1][:16] in error_of(miss)["message"]
+        poisoned = ask(proxy.url, 2)
+        assert poisoned.status_code == 500 and "pickle" in error_of(poisoned)["message"]
+        assert str(cache_dir) in error_of(poisoned)["message"]
+
+    for command in (["show", keys[1][:8]], ["drift"], ["pin", keys[1][:8], "--fingerprint",
+                                                       "fp_sim_a1b2c3"],
+                    ["prune", "--dry-run"], ["stats"]):
+        cli(*command, "--store", store, "--cassettes", str(tmp_path / "cassettes"))
+    exported = cli("export", "--from", store, "--to", str(tmp_path / "out"))
+    assert exported.exit_code == 1 and "copied 1 key(s)" in exported.output
+    assert "pickle" in exported.output
+    assert not marker.exists()
+
+
+def test_a_planted_value_file_name_is_never_opened_nor_deleted(make_proxy: ProxyFactory,
+                                                               tmp_path: Path) -> None:
+    """diskcache keeps large values in files named by its database: a row naming a file
+    outside the store must not be read, nor removed when its key is written again."""
+    cache_dir = tmp_path / "cache"
+    keys = record(make_proxy, 1, 2, store=f"diskcache:{cache_dir}")
+    victim = tmp_path / "victim.json"
+    victim.write_text("keep me")
+    with sqlite3.connect(cache_dir / "cache.db") as db:
+        db.execute("UPDATE Cache SET mode = 2, filename = ?, value = NULL WHERE key = ?",
+                   (os.path.relpath(victim, cache_dir), f"default\x1f{keys[2]}"))
+    with make_proxy(Mode.REPLAY, store=f"diskcache:{cache_dir}") as proxy:
+        refused = ask(proxy.url, 2)
+        assert refused.status_code == 500 and "victim.json" in error_of(refused)["message"]
+        assert ask(proxy.url, 1).status_code == 200
+    with make_proxy(Mode.REFRESH, store=f"diskcache:{cache_dir}") as proxy:
+        assert ask(proxy.url, 2).status_code == 500  # refresh reads the entry before writing
+    cli("prune", "--store", f"diskcache:{cache_dir}", "--cassettes", str(tmp_path / "cassettes"))
+    assert victim.read_text() == "keep me"
+
+
+async def test_the_sequence_counters_never_unpickle(tmp_path: Path) -> None:
+    from replay_proxy.core.errors import CassetteError
+    from replay_proxy.store import open_store
+
+    root = tmp_path / "cassettes"
+    marker = tmp_path / "pwned"
+    store = open_store(root)
+    assert await store.claim_occurrence("s", "c", "a" * 64) == 1
+    await store.close()
+    planted = diskcache.Cache(str(root / ".replay-proxy" / "sequences"))
+    planted.set(Exploit(marker), 1, tag="s")
+    planted.set("s\x1fc\x1f" + "b" * 64, Exploit(marker), tag="s")
+    planted.set("s\x1fc\x1f" + "c" * 64, "three", tag="s")
+    planted.close()
+    store = open_store(root)
+    try:
+        assert await store.claim_occurrence("s", "c", "a" * 64) == 2  # others keep counting
+        for key in ("b" * 64, "c" * 64):
+            with pytest.raises(CassetteError, match="sequences"):
+                await store.claim_occurrence("s", "c", key)
+        await store.reset_session("s")
+        assert await store.claim_occurrence("s", "c", "b" * 64) == 1
+    finally:
+        await store.close()
+    assert not marker.exists()
 
 
 # ---- 2. nothing is written, read or deleted outside the store --------------------------------
