@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 from typing import Any, assert_never
 from urllib.parse import unquote
@@ -19,7 +20,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from ..core.canonical import IncomingRequest, canonical_request, credential_values, request_key
-from ..core.cassette import Recording
+from ..core.cassette import MAX_AT_MS, Recording
 from ..core.errors import ProxyError, ReplayMiss
 from ..core.explain import explain_exhausted, explain_fingerprint, explain_miss
 from ..core.modes import Mode, resolve_mode
@@ -382,7 +383,9 @@ def _inject_seed(route: Route, body: bytes, seed: int | None) -> bytes:
 
 async def _replay(state: ProxyState, request: web.BaseRequest, recording: Recording,
                   headers: dict[str, str]) -> web.StreamResponse:
-    if recording.events is None:
+    if recording.events is None or request.method == "HEAD":
+        # (A HEAD answer has no body: aiohttp drops a Response's, but would write a stream's
+        # events unframed onto the connection.)
         return web.Response(status=recording.status, body=recording.body, headers=headers)
     response = web.StreamResponse(status=recording.status, headers=headers)
     await response.prepare(request)
@@ -392,7 +395,9 @@ async def _replay(state: ProxyState, request: web.BaseRequest, recording: Record
     try:
         for event in recording.events:
             if speed > 0:
-                delay = started + event.at_ms / 1000 / speed - loop.time()
+                # Loading refuses any other at_ms; bounded here too, whatever made the event.
+                at_ms = min(event.at_ms, MAX_AT_MS) if math.isfinite(event.at_ms) else 0.0
+                delay = started + at_ms / 1000 / speed - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
             await response.write(event.raw)
@@ -413,7 +418,8 @@ async def _follow(state: ProxyState, request: web.BaseRequest, flight: Flight,
         headers = {**head.headers, **base_headers, "X-Replay-Status": head.replay_status}
         if head.drift:
             headers["X-Replay-Drift"] = head.drift
-        if not head.is_stream:  # the whole body is in the flight before its head
+        if not head.is_stream or request.method == "HEAD":  # a HEAD answer has no body
+            # (A whole body is in the flight before its head.)
             return web.Response(status=head.status, body=b"".join(flight.chunks), headers=headers)
         response = web.StreamResponse(status=head.status, headers=headers)
         await response.prepare(request)

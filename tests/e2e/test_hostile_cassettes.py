@@ -369,6 +369,35 @@ def test_headers_and_statuses_replay_never_sends_are_refused(
         assert ask(proxy.url, 2).status_code == 200
 
 
+def test_a_stream_recorded_for_a_head_request_writes_no_body(make_proxy: ProxyFactory) -> None:
+    """HTTP frames no body in an answer to HEAD: a stream's events would go out unframed, and
+    be read as the next answer on the connection. (The key of a request is public: anyone can
+    store a stream under the key of a HEAD request.)"""
+    from dataclasses import replace
+
+    with make_proxy(Mode.RECORD) as proxy:
+        key = ask(proxy.url, 1, stream=True).headers["x-replay-key"]
+        entry = proxy.call(proxy.state.store.get("default", key, "chat.completions"))
+    body = orjson.dumps(chat(1, stream=True))
+    headers = {**AUTH, "Content-Type": "application/json"}
+    with make_proxy(Mode.REPLAY) as proxy:
+        host, port = proxy.url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        connection.request("HEAD", "/v1/chat/completions", body=body, headers=headers)
+        missed = connection.getresponse()
+        missed.read()
+        head_key = missed.getheader("x-replay-key")
+        assert missed.status == 404 and head_key
+        proxy.invoke(lambda: proxy.state.remember("default", replace(entry, key=head_key)))
+        connection.request("HEAD", "/v1/chat/completions", body=body, headers=headers)
+        replayed = connection.getresponse()
+        assert replayed.status == 200 and replayed.read() == b""
+        connection.request("GET", "/_replay/health")  # the same connection, kept alive
+        health = connection.getresponse()
+        assert health.status == 200 and orjson.loads(health.read())["status"] == "ok"
+        connection.close()
+
+
 # ---- 4. one bad recording breaks only itself ---------------------------------------------------
 
 @pytest.fixture(params=["directory", "diskcache", "redis"])
@@ -437,4 +466,23 @@ def test_an_event_time_that_is_no_time_is_refused_on_load(
         refused = ask(proxy.url, 1, stream=True)
         assert refused.status_code == 500 and "at_ms" in error_of(refused)["message"]
         assert ask(proxy.url, 2, stream=True).status_code == 200
+        assert time.monotonic() - started < 5
+
+
+def test_pacing_is_bounded_whatever_made_the_events(make_proxy: ProxyFactory) -> None:
+    """Loading refuses such times; the replay loop bounds them too (they wait not at all)."""
+    from dataclasses import replace
+
+    with make_proxy(Mode.RECORD) as proxy:
+        key = ask(proxy.url, 1, stream=True).headers["x-replay-key"]
+        entry = proxy.call(proxy.state.store.get("default", key, "chat.completions"))
+    recording = entry.recordings[0]
+    events = tuple(replace(event, at_ms=float("inf" if index % 2 else "nan"))
+                   for index, event in enumerate(recording.events))
+    odd = replace(entry, recordings=(replace(recording, events=events),))
+    with make_proxy(Mode.REPLAY, replay_timing=ReplayTiming(1.0)) as proxy:
+        proxy.invoke(lambda: proxy.state.remember("default", odd))
+        started = time.monotonic()
+        replayed = ask(proxy.url, 1, stream=True)
+        assert replayed.status_code == 200 and b"[DONE]" in replayed.content
         assert time.monotonic() - started < 5
