@@ -28,9 +28,9 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from ..core.cassette import Entry, decode_entry, encode_entry
+from ..core.cassette import Entry, encode_entry
 from ..core.errors import StoreUnavailable
-from .base import StoredItem, stored_item
+from .base import StoredItem, checked_entry, stored_item, writable_name
 from .redis_url import RedisTarget, parse_redis_url
 
 try:
@@ -110,9 +110,10 @@ class RedisStore:
             raw = await self._client.get(self._entry_key(cassette, key))
         if raw is None:
             return None
-        return decode_entry(bytes(raw), f"{self.description} [{cassette}/{label}-{key}]")
+        return checked_entry(bytes(raw), f"{self.description} [{cassette}/{label}-{key}]", key)
 
     async def put(self, cassette: str, entry: Entry) -> None:
+        writable_name(cassette, entry.key, entry.label)
         encoded = encode_entry(entry)
         async with self._call(cassette), self._client.pipeline(transaction=True) as pipe:
             pipe.set(self._entry_key(cassette, entry.key), encoded, ex=self.ttl)

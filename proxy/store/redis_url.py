@@ -113,17 +113,18 @@ def parse_redis_url(url: str) -> RedisTarget:
 
 
 def redacted(url: str) -> str:
-    """The URL with its password replaced by `***`: safe for logs, messages and files."""
-    parts = urlsplit(url)
-    try:
-        password = parts.password
-    except ValueError:
-        password = None
-    if password is None:
+    """The URL with its password replaced by `***`: safe for logs, messages and files. Read
+    from the URL's shape, not by parsing it, so that a URL too malformed to parse (a password
+    with an unescaped `/`, say) is still shown without its password."""
+    scheme, separator, rest = url.partition("://")
+    authority_and_path, question, query = rest.partition("?")
+    if not separator or "@" not in authority_and_path:
         return url
-    netloc = parts.netloc.rpartition("@")
-    user = parts.username or ""
-    return url.replace(parts.netloc, f"{user}:***@{netloc[2]}", 1)
+    credentials, _, where = authority_and_path.rpartition("@")
+    if ":" not in credentials:
+        return url  # a user name alone is no secret
+    user = credentials.partition(":")[0]
+    return f"{scheme}://{user}:***@{where}{question}{query}"
 
 
 def _describe(scheme: str, host: str | None, port: int | None, path: str, username: str | None,

@@ -8,22 +8,23 @@ import ipaddress
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import orjson
 from aiohttp import web
 
 from ..core.cassette import Drift, Entry, encode_entry
+from ..core.errors import ProxyError
 from ..core.modes import Mode, resolve_mode
 from ..core.settings import OPENAI_UPSTREAM, Settings
 from ..server import serving
 from ..server.usage import last_used, new_run_id, read_runs, read_usage, used_since
-from ..store import StoredItem, open_store
+from ..store import StoredItem, describe_store, open_store
 from ..store.state_dir import state_dir
 from .audit import Upstreams, Verdict
 from .audit import probe as probe_upstream
@@ -41,6 +42,7 @@ from .configuration import (
 from .report import DRIFTS, collapse, drift_rows, ls_row, show_text, table, totals
 from .run import run_command, summary_text
 
+_T = TypeVar("_T")
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="replay-proxy")
@@ -113,7 +115,7 @@ def serve(ctx: click.Context, /, **options: Any) -> None:
     click.echo(
         f"replay-proxy listening on http://{host}:{port} (mode {effective.value}"
         f"{' from --mode auto' if settings.mode is Mode.AUTO else ''}, store "
-        f"{settings.store_spec}, cassette {settings.default_cassette}"
+        f"{describe_store(settings.store_spec)}, cassette {settings.default_cassette}"
         f"{f', {workers} workers' if workers > 1 else ''}{_configured_from(ctx)})\n"
         f"  export OPENAI_BASE_URL=http://{host}:{port}/v1",
         err=True,
@@ -268,6 +270,17 @@ def _store_options(command: Callable[..., None]) -> Callable[..., None]:
                         show_default=True, help="Root folder of the cassettes.")(command)
 
 
+def _on_store(work: Coroutine[Any, Any, _T]) -> _T:
+    """Run work on a store: one that cannot be reached, or refuses what it is given, is a clear
+    error (exit 1) rather than a traceback."""
+    try:
+        return asyncio.run(work)
+    except ProxyError as exc:
+        raise click.ClickException(exc.message) from exc
+    except ValueError as exc:  # a --store value that names no store this version can open
+        raise click.UsageError(str(exc)) from exc
+
+
 def _items(cassettes: Path, store: str | None, cassette: str | None) -> list[StoredItem]:
     async def load() -> list[StoredItem]:
         backend = open_store(store or cassettes)
@@ -280,7 +293,7 @@ def _items(cassettes: Path, store: str | None, cassette: str | None) -> list[Sto
         finally:
             await backend.close()
 
-    return asyncio.run(load())
+    return _on_store(load())
 
 
 def _one(cassettes: Path, store: str | None, cassette: str | None, prefix: str) -> StoredItem:
@@ -384,7 +397,7 @@ def verify(cassettes: Path, store: str | None, cassette: str | None, as_json: bo
     drifted = [v for v in verdicts if v.result in DRIFTS]
     if update and drifted:
         by_key = {(cassette_name, entry.key): entry for cassette_name, entry in entries}
-        asyncio.run(_store_drift(store or cassettes, by_key, drifted))
+        _on_store(_store_drift(store or cassettes, by_key, drifted))
     if as_json:
         _echo_json([{"cassette": v.cassette, "key": v.key, "route": v.route, "result": v.result,
                      "detail": v.detail} for v in verdicts])
@@ -469,7 +482,7 @@ def pin(key_prefix: str, fingerprint: str, cassettes: Path, store: str | None,
         finally:
             await backend.close()
 
-    asyncio.run(save(replace(item.entry, pinned_fingerprint=wanted)))
+    _on_store(save(replace(item.entry, pinned_fingerprint=wanted)))
     if as_json:
         _echo_json({"cassette": item.cassette, "key": item.key, "pinned": wanted,
                     "previous": item.entry.pinned_fingerprint})
@@ -509,7 +522,7 @@ def prune(cassettes: Path, store: str | None, cassette: str | None, as_json: boo
             await backend.close()
 
     if not dry_run:
-        asyncio.run(delete())
+        _on_store(delete())
     if as_json:
         _echo_json({"since_run": since, "dry_run": dry_run,
                     "deleted": [{"cassette": i.cassette, "key": i.key} for i in unused]})
@@ -576,7 +589,7 @@ def _copy(source: str, target: str, cassette: str | None,
             await destination.close()
         return copied, refused
 
-    return asyncio.run(run())
+    return _on_store(run())
 
 
 @main.command("export")
@@ -593,9 +606,11 @@ def export_command(source: str, target: str, cassette: str | None, as_json: bool
 def _report_copy(source: str, target: str, result: tuple[int, list[str]], as_json: bool) -> None:
     copied, refused = result
     if as_json:
-        _echo_json({"from": source, "to": target, "copied": copied, "refused": refused})
+        _echo_json({"from": describe_store(source), "to": describe_store(target),
+                    "copied": copied, "refused": refused})
     else:
-        click.echo(f"copied {copied} key(s) from {source} to {target}")
+        click.echo(f"copied {copied} key(s) from {describe_store(source)} to "
+                   f"{describe_store(target)}")
         for reason in refused:
             click.echo(f"not copied: {reason}", err=True)
     if refused:

@@ -100,8 +100,6 @@ def test_store_descriptions_and_errors_never_hold_the_password(
         assert_no_password(f"the error for {describe_store(bad)}", str(failure.value))
 
 
-@pytest.mark.xfail(strict=True, reason="`serve` prints --store as given at start-up "
-                   "(proxy/tools/cli.py): it should print describe_store(settings.store_spec)")
 def test_serve_does_not_print_the_password(redis_tls_url: str, tmp_path: Path) -> None:
     with run_proxy_process("--mode", "replay", "--store", redis_tls_url, "--cassettes",
                            str(tmp_path)) as (url, process):
@@ -112,8 +110,6 @@ def test_serve_does_not_print_the_password(redis_tls_url: str, tmp_path: Path) -
         assert_no_password("serve's output", process.stderr.read())
 
 
-@pytest.mark.xfail(strict=True, reason="`export`/`import` print --from and --to as given "
-                   "(proxy/tools/cli.py _report_copy): they should print describe_store(...)")
 def test_export_does_not_print_the_password(redis_tls_url: str, tmp_path: Path) -> None:
     from click.testing import CliRunner
     from replay_proxy.tools.cli import main
@@ -122,3 +118,33 @@ def test_export_does_not_print_the_password(redis_tls_url: str, tmp_path: Path) 
                                        str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert_no_password("export's output", result.output)
+
+
+@pytest.mark.parametrize("command", [["ls"], ["export", "--to", "OUT"], ["drift"]])
+def test_a_store_that_cannot_be_reached_is_a_clear_error(command: list[str],
+                                                         tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from replay_proxy.tools.cli import main
+    from replay_proxy.tools.testing import free_port
+
+    password = quote(REDIS_PASSWORD, safe="")
+    unreachable = f"redis://user:{password}@127.0.0.1:{free_port()}/0?timeout=1"
+    where = ["--from", unreachable] if command[0] == "export" else ["--store", unreachable]
+    arguments = [part.replace("OUT", str(tmp_path / "out")) for part in command] + where
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, TypeError)
+    assert "could not be reached" in result.output or "unavailable" in result.output.lower()
+    assert_no_password(f"{command[0]}'s error", result.output)
+
+
+def test_a_malformed_store_url_is_a_usage_error_that_hides_the_password(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from replay_proxy.tools.cli import main
+
+    # The password is not percent-encoded, so the URL does not parse.
+    result = CliRunner().invoke(main, ["ls", "--store",
+                                       f"redis://user:{REDIS_PASSWORD}@127.0.0.1:1/0"])
+    assert result.exit_code == 2, result.output
+    assert "Redis store URL" in result.output
+    assert_no_password("ls's usage error", result.output)
