@@ -306,3 +306,37 @@ def replay_config():
     bad_flag = pytester.runpytest_subprocess("--replay-mode", "bogus")
     assert bad_flag.ret == pytest.ExitCode.USAGE_ERROR
     bad_flag.stderr.fnmatch_lines(["*replay-proxy*'bogus' is not one of*"])
+
+
+def test_cassettes_follow_the_node_id(pytester: pytest.Pytester, simulator: SimulatorThread,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two tests named alike in different folders and classes never share a cassette."""
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    for folder, klass, prompt in (("a", "TestA", "first"), ("b", "TestB", "second")):
+        package = pytester.path / "tests" / folder
+        package.mkdir(parents=True)
+        for made in (package, package.parent):
+            (made / "__init__.py").touch()
+        (package / "test_x.py").write_text(f'''
+import pytest
+from openai import OpenAI
+
+
+class {klass}:
+    @pytest.mark.replay
+    @pytest.mark.parametrize("n", [1])
+    def test_call(self, n, replay_proxy):
+        OpenAI().chat.completions.create(
+            model="gpt-4o-mini", seed=n, messages=[{{"role": "user", "content": "{prompt}"}}])
+        assert replay_proxy.cassette == "tests/{folder}/test_x/{klass}/test_call-1"
+''')
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-recording-key")
+    monkeypatch.delenv("CI", raising=False)
+    result = pytester.runpytest_subprocess(
+        "--replay-mode", "record", "--replay-openai-upstream", simulator.url,
+        "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    assert simulator.state.calls == 2  # not one answer shared by both
+    for folder, klass in (("a", "TestA"), ("b", "TestB")):
+        recorded = pytester.path / "cassettes" / "tests" / folder / "test_x" / klass / "test_call-1"
+        assert len(list(recorded.glob("chat.completions-*.json"))) == 1

@@ -8,6 +8,7 @@ explanation of what differed.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ _SESSION_KEY = pytest.StashKey["ReplaySession"]()
 _TOTALS_KEY = pytest.StashKey[Counter[str]]()
 _WORKER_USED_KEY = pytest.StashKey[set[str]]()
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]+")
+_MAX_CASSETTE_NAME = 255
 # serve's options that make no sense for a proxy inside pytest: it listens on a free loopback
 # port, needs no token, gives each test its own cassette, and pytest shows its log.
 _NOT_FOR_PYTEST = frozenset({"host", "port", "workers", "loop_choice", "auth_token",
@@ -264,9 +266,22 @@ class ReplaySession:
 
 
 def cassette_for(item: pytest.Item) -> str:
-    module = Path(str(item.path)).stem if hasattr(item, "path") else "tests"
-    name = _UNSAFE.sub("-", item.name).strip("-.") or "test"
-    return f"{_UNSAFE.sub('-', module).lstrip('.-')}/{name}"
+    """The test's own cassette, named after its node id: the folder under the rootdir, the
+    module, the class, then the test (`tests/a/test_x.py::TestA::test_call[1]` ->
+    `tests/a/test_x/TestA/test_call-1`), so that two tests can never share one by accident."""
+    path, *names = item.nodeid.split("::")
+    parts = [*path.removesuffix(".py").split("/"), *names]
+    segments = [_segment(part) for part in parts if _segment(part)] or ["test"]
+    name = "/".join(segments)
+    if len(name) > _MAX_CASSETTE_NAME:  # keep it unique while it fits a folder name
+        digest = hashlib.sha256(item.nodeid.encode()).hexdigest()[:12]
+        name = name[: _MAX_CASSETTE_NAME - 13].rstrip("/.-") + "-" + digest
+    return name
+
+
+def _segment(part: str) -> str:
+    """A part of a node id as a cassette name segment: safe characters, no leading dot."""
+    return _UNSAFE.sub("-", part).strip("-").lstrip(".-")[:128].rstrip(".-")
 
 
 @pytest.fixture
