@@ -196,7 +196,8 @@ def test_a_user_project_records_and_replays_with_the_installed_package(
         simulator.wait(timeout=10)
         assert simulator.stderr is not None
         simulator.stderr.close()
-    assert len(list((project / "cassettes" / "test_app" / "test_summary").glob("*.json"))) == 1
+    assert len(list((project / "cassettes" / "tests" / "test_app" / "test_summary")
+                    .glob("*.json"))) == 1
     assert len(list((project / "cassettes" / "default").glob("*.json"))) == 1
 
     # Offline, no key: CI=true replays.
