@@ -13,6 +13,14 @@ from .routes import SequencePolicy
 
 DEFAULT_PORT = 8787
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
+# Larger answers are passed through but not stored: a cassette is committed and reviewed.
+DEFAULT_MAX_ANSWER = 64 * 1024 * 1024
+DEFAULT_CACHE_MB = 256
+DEFAULT_UPSTREAM_TIMEOUT = 600.0
+# Longer than the openai SDK's own 10-minute default, so the proxy never gives up first.
+DEFAULT_UPSTREAM_TOTAL_TIMEOUT = 900.0
+DEFAULT_HEADER_TIMEOUT = 15.0
+DEFAULT_MAX_CONNECTIONS = 1024
 OPENAI_UPSTREAM = "https://api.openai.com"
 
 
@@ -51,7 +59,12 @@ class Settings:
     fingerprint: str = "pinned"
     replay_timing: ReplayTiming = field(default_factory=ReplayTiming)
     inject_seed: int | None = None
-    upstream_timeout: float = 600.0
+    upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT  # seconds without upstream data
+    upstream_total_timeout: float = DEFAULT_UPSTREAM_TOTAL_TIMEOUT  # seconds for one whole call
+    max_answer: int = DEFAULT_MAX_ANSWER  # bytes of one answer that may be stored
+    cache_mb: int = DEFAULT_CACHE_MB  # memory for cached entries and replies
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT  # seconds for a client to send a request head
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # open client connections; past it, 503
     auth_token: str | None = None
     sequence: SequencePolicy = SequencePolicy.STATEFUL
     # One run (and default session) shared by every worker of one `serve`; None: a new one.

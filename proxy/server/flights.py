@@ -7,8 +7,11 @@ client, the first included, follows the flight and gets the same bytes as they a
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+
+log = logging.getLogger("replay_proxy")
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,10 @@ class FlightCut(Exception):
     """The upstream exchange broke after the head was sent."""
 
 
+class ClientGone(Exception):
+    """The client of a follower closed its connection."""
+
+
 @dataclass
 class Flight:
     head: Head | None = None
@@ -32,11 +39,24 @@ class Flight:
     error: BaseException | None = None
     followers: int = 0
     pump: asyncio.Task[None] | None = None
+    # False once the answer is too large to keep whole: no client joins any more, and the
+    # chunks every follower has sent are let go.
+    shared: bool = True
+    kept: bool = True  # False when the answer will not be stored after all
+    # True once the upstream sent a complete answer (a stream's [DONE]) that is still being
+    # read to its end: a client leaving now does not cancel it.
+    settled: bool = False
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _dropped: int = 0  # chunks let go from the front of `chunks`
+    _buffered: int = 0  # bytes in `chunks`
+    _cursors: dict[object, int] = field(default_factory=dict)  # follower -> next chunk
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def wake(self, _gone: object = None) -> None:
+        self._notify()
 
     def start(self, head: Head) -> None:
         self.head = head
@@ -44,6 +64,7 @@ class Flight:
 
     def push(self, chunk: bytes) -> None:
         self.chunks.append(chunk)
+        self._buffered += len(chunk)
         self._notify()
 
     def finish(self) -> None:
@@ -54,25 +75,59 @@ class Flight:
         self.error = error
         self._notify()
 
-    async def wait_head(self) -> Head:
+    def unshare(self) -> None:
+        """From now on the answer streams through: new clients start a flight of their own."""
+        self.shared = False
+        self._notify()
+
+    async def wait_head(self, gone: asyncio.Future[None] | None = None) -> Head:
         while self.head is None:
             if self.error is not None:
                 raise self.error
+            if gone is not None and gone.done():
+                raise ClientGone()
             await self._changed.wait()
         return self.head
 
-    async def follow(self) -> AsyncIterator[bytes]:
-        """Every chunk from the first, waiting for new ones until the flight ends."""
-        index = 0
-        while True:
-            while index < len(self.chunks):
-                yield self.chunks[index]
-                index += 1
-            if self.error is not None:
-                raise FlightCut(str(self.error)) from self.error
-            if self.finished:
-                return
+    async def drained(self, limit: int) -> None:
+        """Wait while an unshared flight holds more than `limit` bytes its followers have not
+        sent yet: a slow client slows the upstream read instead of filling memory."""
+        while not self.shared and self._buffered > limit and self.followers > 0:
             await self._changed.wait()
+
+    async def follow(self, gone: asyncio.Future[None] | None = None) -> AsyncIterator[bytes]:
+        """Every chunk from the first, waiting for new ones until the flight ends."""
+        token = object()
+        index = self._dropped
+        self._cursors[token] = index
+        try:
+            while True:
+                while index - self._dropped < len(self.chunks):
+                    chunk = self.chunks[index - self._dropped]
+                    index += 1
+                    self._cursors[token] = index
+                    yield chunk
+                if not self.shared:
+                    self._trim()
+                if self.error is not None:
+                    raise FlightCut(str(self.error)) from self.error
+                if self.finished:
+                    return
+                if gone is not None and gone.done():
+                    raise ClientGone()
+                await self._changed.wait()
+        finally:
+            del self._cursors[token]
+
+    def _trim(self) -> None:
+        if len(self._cursors) < self.followers:
+            return  # a follower has yet to start reading: it needs every chunk
+        sent = min(self._cursors.values()) - self._dropped
+        if sent > 0:
+            self._buffered -= sum(len(chunk) for chunk in self.chunks[:sent])
+            del self.chunks[:sent]
+            self._dropped += sent
+            self._notify()
 
 
 class SingleFlight:
@@ -82,7 +137,7 @@ class SingleFlight:
     def join(self, name: str, pump: Callable[[Flight], Awaitable[None]]) -> Flight:
         """The flight under way for `name`, or a new one whose pump is started now."""
         flight = self._flights.get(name)
-        if flight is not None and not flight.finished and flight.error is None:
+        if flight is not None and not flight.finished and flight.error is None and flight.shared:
             flight.followers += 1
             return flight
         flight = Flight(followers=1)
@@ -106,8 +161,10 @@ class SingleFlight:
     def leave(self, flight: Flight) -> None:
         """A client went away; with no client left, an unfinished upstream call is cancelled."""
         flight.followers -= 1
-        if flight.followers <= 0 and not flight.finished and flight.pump is not None:
+        if flight.followers <= 0 and not (flight.finished or flight.settled) \
+                and flight.pump is not None:
             flight.pump.cancel()
+        flight.wake()  # a pump waiting for this follower to catch up looks again
 
     async def drain(self) -> None:
         """Wait until every flight under way, storing included, is done."""
@@ -120,7 +177,7 @@ class SingleFlight:
         for flight in list(self._flights.values()):
             if flight.pump is None:
                 continue
-            if not flight.finished:
+            if not (flight.finished or flight.settled):
                 flight.pump.cancel()
             pumps.append(flight.pump)
         await asyncio.gather(*pumps, return_exceptions=True)

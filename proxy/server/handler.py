@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import hmac
 import logging
 import math
 import os
@@ -48,7 +50,8 @@ from ..core.settings import Settings
 from ..store import open_store
 from ..store.state_dir import state_dir
 from . import access_log
-from .flights import Flight, FlightCut
+from .connections import ConnectionLimits, ProxyConnection, ProxyServer
+from .flights import ClientGone, Flight, FlightCut
 from .recorder import Exchange, pump, replay_headers
 from .serving import loop_name
 from .state import HotKey, HotReply, ProxyState
@@ -93,12 +96,14 @@ class ReplayProxy:
             return web.BaseRequest(message, payload, protocol, writer, task, loop,
                                    client_max_size=max_body)
 
+        settings = self.state.settings
+        limits = ConnectionLimits(header_timeout=settings.header_timeout,
+                                  max_connections=settings.max_connections)
         # The handler is _handle itself, no wrapper coroutine on the path of every request, unless
         # info logging asks for one line per request.
         handler = access_log.wrap(functools.partial(_handle, self.state))
-        return web.Server(handler, request_factory=make_request,
-                          access_log=None,
-                          max_field_size=_MAX_HEADER_BYTES, max_line_size=_MAX_HEADER_BYTES)
+        return ProxyServer(handler, limits, request_factory=make_request, access_log=None,
+                           max_field_size=_MAX_HEADER_BYTES, max_line_size=_MAX_HEADER_BYTES)
 
     async def start(self) -> None:
         state = self.state
@@ -152,8 +157,15 @@ async def _flush_usage(state: ProxyState, every: float = 1.0) -> None:
             state.usage.flush(state.snapshot())
 
 
+# The proxy's own errors that a retry can cure: the upstream was unreachable, slow or cut off
+# (as the SDK would retry against the real API). A miss, a bad request or a corrupt cassette
+# gives the same answer every time, so it says not to retry.
+_RETRYABLE = frozenset({"upstream_unreachable", "upstream_timeout", "upstream_cut"})
+
+
 def error_response(exc: ProxyError, headers: dict[str, str] | None = None) -> web.Response:
-    all_headers = {"X-Replay-Status": "error", "x-should-retry": "false", **(headers or {})}
+    retry = "true" if exc.code in _RETRYABLE else "false"
+    all_headers = {"X-Replay-Status": "error", "x-should-retry": retry, **(headers or {})}
     return web.Response(status=exc.status, body=exc.body(), content_type="application/json",
                         headers=all_headers)
 
@@ -189,6 +201,8 @@ async def _handle(state: ProxyState, request: web.BaseRequest) -> web.StreamResp
     try:
         if state.settings.auth_token is not None:
             _authorise(request, state.settings.auth_token)
+        if "Expect" in request.headers:
+            await _expect(request, state.settings.max_body)
         body = await request.read()  # client_max_size is --max-body: over it, a 413 below
         hot_key = (request.method, request.raw_path, body,
                    *map(request.headers.get, state.hot_headers))
@@ -205,10 +219,13 @@ async def _handle(state: ProxyState, request: web.BaseRequest) -> web.StreamResp
         return await _serve(request, state, body, hot_key)
     except ProxyError as exc:
         return error_response(exc)
-    except web.HTTPRequestEntityTooLarge:
-        return error_response(ProxyError(
+    except (web.HTTPRequestEntityTooLarge, _TooLarge) as exc:
+        response = error_response(ProxyError(
             f"The request body is larger than --max-body ({state.settings.max_body} bytes); "
             "raise --max-body to proxy larger requests.", status=413, code="request_too_large"))
+        if isinstance(exc, _TooLarge):
+            response.force_close()  # the body was never asked for: the connection cannot go on
+        return response
     except (ContentEncodingError, RequestPayloadError) as exc:
         return error_response(ProxyError(
             f"The request body could not be read ({exc}); if it has a Content-Encoding "
@@ -303,7 +320,8 @@ async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
 def _joined_sequence(flight: Flight) -> bool:
     """Whether the flight's answer is now part of its key's sequence (replayed or stored)."""
     head = flight.head
-    return flight.error is None and head is not None and head.replay_status in ("hit", "recorded")
+    return (flight.error is None and flight.kept and head is not None
+            and head.replay_status in ("hit", "recorded"))
 
 
 async def _miss_error(state: ProxyState, miss: Miss, cassette: str, session: str,
@@ -328,12 +346,28 @@ async def _miss_error(state: ProxyState, miss: Miss, cassette: str, session: str
             assert_never(reason)
 
 
+async def _expect(request: web.BaseRequest, max_body: int) -> None:
+    """Answer `Expect: 100-continue`: go on, or refuse a body over --max-body before it is sent."""
+    if request.headers["Expect"].lower() != "100-continue":
+        raise ProxyError(f"Unsupported Expect header ({request.headers['Expect']}); only "
+                         "100-continue is supported.", status=417, code="expectation_failed")
+    if request.content_length is not None and request.content_length > max_body:
+        raise _TooLarge()
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
+class _TooLarge(Exception):
+    """A declared body over --max-body, refused before it is read."""
+
+
 def _authorise(request: web.BaseRequest, token: str) -> None:
     presented = request.headers.get("api-key") or ""
     authorization = request.headers.get("Authorization", "")
     if authorization.lower().startswith("bearer "):
         presented = authorization[7:].strip()
-    if presented != token:
+    # In constant time: how long the comparison takes says nothing about the token.
+    if not hmac.compare_digest(presented.encode("utf-8", "surrogateescape"),
+                               token.encode("utf-8", "surrogateescape")):
         raise ProxyError(
             "This replay-proxy requires its access token: pass the value of --auth-token as "
             "your API key (Authorization: Bearer <token> or api-key: <token>).",
@@ -401,18 +435,23 @@ async def _replay(state: ProxyState, request: web.BaseRequest, recording: Record
                 if delay > 0:
                     await asyncio.sleep(delay)
             await response.write(event.raw)
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        return response
-    await response.write_eof()
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client left, maybe right after the last event: nothing to report
     return response
 
 
 async def _follow(state: ProxyState, request: web.BaseRequest, flight: Flight,
                   base_headers: dict[str, str]) -> web.StreamResponse:
     flights = state.flights
+    # aiohttp does not cancel a handler whose client has gone, so the flight is told: with no
+    # client left it cancels the upstream call instead of reading an answer nobody wants.
+    gone = request.protocol.gone() if isinstance(request.protocol, ProxyConnection) else None
+    if gone is not None:
+        gone.add_done_callback(flight.wake)
     try:
         try:
-            head = await flight.wait_head()
+            head = await flight.wait_head(gone)
         except ProxyError as exc:
             return error_response(exc, base_headers)
         headers = {**head.headers, **base_headers, "X-Replay-Status": head.replay_status}
@@ -424,16 +463,22 @@ async def _follow(state: ProxyState, request: web.BaseRequest, flight: Flight,
         response = web.StreamResponse(status=head.status, headers=headers)
         await response.prepare(request)
         try:
-            async for chunk in flight.follow():
+            async for chunk in flight.follow(gone):
                 await response.write(chunk)
         except FlightCut:
             # Show the client the cut as it happened: close without the final chunk.
             if request.transport is not None:
                 request.transport.abort()
             return response
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        except (ConnectionError, ClientGone):
             return response
-        await response.write_eof()
+        # The client may leave right after the last event: nothing to report then.
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
         return response
+    except ClientGone:
+        return web.Response(status=499)  # never sent: there is nobody to send it to
     finally:
+        if gone is not None:
+            gone.remove_done_callback(flight.wake)
         flights.leave(flight)

@@ -7,6 +7,7 @@ that reached `[DONE]` or a clean end. Stored copies are scrubbed of credentials 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,6 +33,8 @@ from ..core.settings import Settings
 from ..core.sse import EventSplitter, is_done
 from .flights import Flight, FlightCut, Head
 from .state import ProxyState
+
+log = logging.getLogger("replay_proxy")
 
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
 _LIVE_DROPPED = frozenset({
@@ -139,6 +142,7 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
         exchange.method, exchange.route, exchange.query, exchange.headers, exchange.body
     )
     state.count(exchange.cassette, "upstream_calls")
+    max_answer = state.settings.max_answer
     async with response:
         keep = forward is not None and storable(response.status, state.settings.record_errors)
         replay_status = "recorded" if keep else "passthrough"
@@ -149,14 +153,28 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
             headers["X-Replay-Sequence"] = (f"{forward.position.occurrence}/"
                                             f"{forward.position.recorded + 1}")
         if not content_type.startswith("text/event-stream"):
+            parts: list[bytes] = []
+            size = 0
             try:
-                body = await response.read()
+                async for chunk in response.content.iter_any():
+                    size += len(chunk)
+                    if size > max_answer:
+                        # Too large to keep: stream it through, storing and holding nothing.
+                        if keep:
+                            _too_large(state, exchange, size, max_answer)
+                        flight.kept = False
+                        flight.unshare()
+                        flight.start(Head(response.status, headers, True, "passthrough"))
+                        for part in (*parts, chunk):
+                            flight.push(part)
+                        parts = []
+                        await _pass_through(flight, response)
+                        return
+                    parts.append(chunk)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise UpstreamError(
-                    f"The upstream broke off its answer for {exchange.route.route} mid-body "
-                    f"({exc.__class__.__name__}); nothing was stored.",
-                    code="upstream_cut",
-                ) from exc
+                raise _cut_error(exchange, exc) from exc
+            body = b"".join(parts)
+            del parts
             duration_ms = (loop.time() - started) * 1000
             recording = None
             if keep and forward is not None and forward.classify_drift:
@@ -179,13 +197,25 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
         splitter = EventSplitter()
         events: list[SseEvent] = []
         saw_done = False
+        size = 0
         try:
             async for chunk in response.content.iter_any():
                 flight.push(chunk)
+                size += len(chunk)
+                if size > max_answer:
+                    if keep:
+                        _too_large(state, exchange, size, max_answer)
+                    keep = False
+                    flight.kept = False
+                    flight.unshare()
+                    events.clear()
+                    await _pass_through(flight, response)
+                    return
                 at_ms = (loop.time() - started) * 1000
                 for raw in splitter.feed(chunk):
                     events.append(SseEvent(at_ms, raw))
                     saw_done = saw_done or is_done(raw)
+                flight.settled = saw_done
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise FlightCut(f"upstream stream cut: {exc.__class__.__name__}") from exc
         if not saw_done and not response.content.is_eof():
@@ -200,6 +230,41 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
                 response.status, response.headers, events, exchange.secrets,
                 (loop.time() - started) * 1000))
             await commit(state, exchange, existing, recording, forward)
+
+
+# Bytes an answer streamed through may hold for its slowest client before the upstream read
+# waits for it.
+PASS_THROUGH_BUFFER = 1024 * 1024
+
+
+async def _pass_through(flight: Flight, response: aiohttp.ClientResponse) -> None:
+    """The rest of an answer that is not kept, at the pace of its slowest client."""
+    try:
+        await flight.drained(PASS_THROUGH_BUFFER)
+        async for chunk in response.content.iter_any():
+            flight.push(chunk)
+            await flight.drained(PASS_THROUGH_BUFFER)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise FlightCut(f"upstream answer cut: {exc.__class__.__name__}") from exc
+    flight.finish()
+
+
+def _too_large(state: ProxyState, exchange: Exchange, size: int, max_answer: int) -> None:
+    state.count(exchange.cassette, "too_large")
+    log.warning("the answer for %s %s (cassette %s, key %s) is over --max-answer (%d bytes, "
+                "%d so far): passed through, not stored", exchange.method, exchange.route.route,
+                exchange.cassette, exchange.key, max_answer, size)
+
+
+def _cut_error(exchange: Exchange, exc: BaseException) -> UpstreamError:
+    if isinstance(exc, TimeoutError):
+        return UpstreamError(
+            f"The upstream did not finish its answer for {exchange.route.route} in time "
+            "(--upstream-timeout without data, or --upstream-total-timeout in all); nothing "
+            "was stored.", status=504, code="upstream_timeout")
+    return UpstreamError(
+        f"The upstream broke off its answer for {exchange.route.route} mid-body "
+        f"({exc.__class__.__name__}); nothing was stored.", code="upstream_cut")
 
 
 def body_recording(status: int, headers: Any, body: bytes, secrets: tuple[bytes, ...],

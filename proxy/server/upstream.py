@@ -83,7 +83,8 @@ class Upstream:
             )
         except TimeoutError as exc:
             raise UpstreamError(
-                f"The upstream {url.origin()} did not answer within the timeout.",
+                f"The upstream {url.origin()} did not answer within the timeout "
+                "(--upstream-timeout, --upstream-total-timeout).",
                 status=504, code="upstream_timeout",
             ) from exc
         except aiohttp.ClientError as exc:
@@ -94,4 +95,6 @@ class Upstream:
 
 
 def client_timeout(settings: Settings) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=settings.upstream_timeout)
+    # `total` covers reading the answer too: an endless body or stream ends there.
+    return aiohttp.ClientTimeout(total=settings.upstream_total_timeout, sock_connect=10.0,
+                                 sock_read=settings.upstream_timeout)
