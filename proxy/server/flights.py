@@ -150,6 +150,9 @@ class SingleFlight:
                 flight.fail(FlightCut("the exchange was abandoned by every client"))
                 raise
             except Exception as exc:
+                if flight.finished:  # the clients have their answers; only storing was left
+                    log.exception("an exchange failed after it was answered (%s)",
+                                  name.replace("\x1f", " "))
                 flight.fail(exc)
             finally:
                 if self._flights.get(name) is flight:

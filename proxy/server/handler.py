@@ -47,7 +47,7 @@ from ..core.providers import (
 from ..core.routes import is_sequenced, route_class
 from ..core.scrub import secret_values
 from ..core.settings import Settings
-from ..store import open_store
+from ..store import Store, open_store
 from ..store.state_dir import state_dir
 from . import access_log
 from .connections import ConnectionLimits, ProxyConnection, ProxyServer
@@ -75,11 +75,12 @@ class ReplayProxy:
     routing, and a replay hit is answered in a few steps.
     """
 
-    def __init__(self, settings: Settings, environ: dict[str, str] | None = None) -> None:
+    def __init__(self, settings: Settings, environ: dict[str, str] | None = None,
+                 store: Store | None = None) -> None:
         environ = dict(os.environ) if environ is None else environ
         self.state = ProxyState(
             settings=settings,
-            store=open_store(settings.store_spec),
+            store=store if store is not None else open_store(settings.store_spec),
             mode=resolve_mode(settings.mode, environ),
             default_session=settings.run_id or new_run_id(),
         )

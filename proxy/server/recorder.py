@@ -301,7 +301,15 @@ async def commit(state: ProxyState, exchange: Exchange, existing: Entry | None,
         exchange.key, exchange.route.label, _scrubbed_request(exchange),
         extra={"path": exchange.route.upstream_path})
     entry = stored_entry(forward.storage, existing, fresh, recording, forward.position)
-    await state.store.put(exchange.cassette, entry)
+    try:
+        await state.store.put(exchange.cassette, entry)
+    except Exception as exc:
+        # The client has its answer already: say so loudly, count it, keep serving.
+        state.count(exchange.cassette, "store_errors")
+        log.error("could not store the answer for %s %s (cassette %s, key %s) in %s: %s: %s",
+                  exchange.method, exchange.route.route, exchange.cassette, exchange.key,
+                  state.store.description, exc.__class__.__name__, exc)
+        return
     state.remember(exchange.cassette, entry)
     state.used(exchange.cassette, exchange.key)
     state.count(exchange.cassette, "recorded")

@@ -7,6 +7,7 @@ shutdown, never on the request path.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from collections.abc import Iterable, Mapping
@@ -19,6 +20,8 @@ import orjson
 
 from ..core.cassette import now_iso
 from ..store.state_dir import ensure_state_dir
+
+log = logging.getLogger("replay_proxy")
 
 
 def new_run_id() -> str:
@@ -33,6 +36,7 @@ class UsageLog:
     started: str = field(default_factory=now_iso)
     _pending: list[tuple[str, str, str]] = field(default_factory=list)
     seen: set[tuple[str, str]] = field(default_factory=set)
+    failing: bool = False  # the last flush could not write
 
     def note(self, cassette: str, key: str) -> None:
         name = (cassette, key)
@@ -48,16 +52,27 @@ class UsageLog:
         except OSError:
             return  # a read-only checkout still replays; it just keeps no usage log
         pending, self._pending = self._pending, []
-        if pending:
-            lines = b"".join(orjson.dumps({"run": self.run, "cassette": c, "key": k, "at": at})
-                             + b"\n" for c, k, at in pending)
-            with open(self.directory / "usage.jsonl", "ab") as handle:
-                handle.write(lines)
-        document = {"run": self.run, "started": self.started, "updated": now_iso(), **counters}
-        target = self.directory / "runs" / f"{self.run}.json"
-        temporary = target.with_name(f".{target.name}.tmp")
-        temporary.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
-        os.replace(temporary, target)
+        try:
+            if pending:
+                lines = b"".join(orjson.dumps({"run": self.run, "cassette": c, "key": k,
+                                               "at": at}) + b"\n" for c, k, at in pending)
+                with open(self.directory / "usage.jsonl", "ab") as handle:
+                    handle.write(lines)
+            document = {"run": self.run, "started": self.started, "updated": now_iso(),
+                        **counters}
+            target = self.directory / "runs" / f"{self.run}.json"
+            temporary = target.with_name(f".{target.name}.tmp")
+            temporary.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
+            os.replace(temporary, target)
+        except OSError as exc:
+            # A full disk: the proxy keeps serving (and tries again at the next flush); the
+            # usage log is a help for `prune`, not a recording.
+            self._pending = pending + self._pending
+            if not self.failing:
+                log.warning("could not write the usage log in %s: %s", self.directory, exc)
+            self.failing = True
+            return
+        self.failing = False
 
 
 def read_runs(directory: Path) -> list[dict[str, Any]]:

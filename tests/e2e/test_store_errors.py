@@ -1,0 +1,124 @@
+"""A write that fails (a full disk, say) is loud: an error naming the key and the cause, a
+`store_errors` counter, and a proxy that keeps serving and stops cleanly."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+import httpx2
+import orjson
+import pytest
+from replay_proxy.core.cassette import Entry
+from replay_proxy.core.modes import Mode
+from replay_proxy.core.settings import Settings
+from replay_proxy.server.handler import ReplayProxy
+from replay_proxy.store import Store, StoredItem, open_store
+from replay_proxy.tools.testing import ProxyThread, SimulatorThread
+
+from tests.conftest import SECRET_KEY, recorded_files
+
+AUTH = {"Authorization": f"Bearer {SECRET_KEY}", "Content-Type": "application/json"}
+
+
+class FullDisk:
+    """The real directory store, except that its writes fail while `full` is set: the fault a
+    full disk gives (ENOSPC), injected where no test can make a real disk full."""
+
+    def __init__(self, real: Store) -> None:
+        self.real = real
+        self.description = real.description
+        self.full = True
+
+    async def get(self, cassette: str, key: str, label: str) -> Entry | None:
+        return await self.real.get(cassette, key, label)
+
+    async def put(self, cassette: str, entry: Entry) -> None:
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        await self.real.put(cassette, entry)
+
+    async def delete(self, cassette: str, key: str, label: str) -> bool:
+        return await self.real.delete(cassette, key, label)
+
+    async def cassettes(self) -> list[str]:
+        return await self.real.cassettes()
+
+    async def items(self, cassette: str) -> Sequence[StoredItem]:
+        return await self.real.items(cassette)
+
+    def lock(self, cassette: str, key: str) -> AbstractAsyncContextManager[None]:
+        return self.real.lock(cassette, key)
+
+    async def claim_occurrence(self, session: str, cassette: str, key: str) -> int:
+        return await self.real.claim_occurrence(session, cassette, key)
+
+    async def release_occurrence(self, session: str, cassette: str, key: str) -> None:
+        await self.real.release_occurrence(session, cassette, key)
+
+    async def reset_session(self, session: str) -> None:
+        await self.real.reset_session(session)
+
+    async def close(self) -> None:
+        await self.real.close()
+
+
+def _chat(seed: int, stream: bool = False) -> bytes:
+    return orjson.dumps({"model": "gpt-4o-mini", "seed": seed, "stream": stream,
+                         "messages": [{"role": "user", "content": "Hi"}]})
+
+
+def test_failed_writes_are_logged_counted_and_the_proxy_keeps_serving(
+        simulator: SimulatorThread, cassettes: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = FullDisk(open_store(str(cassettes)))
+    settings = Settings(cassettes=cassettes, mode=Mode.RECORD, openai_upstream=simulator.url)
+    proxy = ProxyThread(lambda: ReplayProxy(settings, {}, store=store))
+    proxy.start()
+    try:
+        keys = []
+        for seed in range(6):
+            response = httpx2.post(proxy.url + "/c/full/v1/chat/completions",
+                                   content=_chat(seed, stream=seed % 2 == 1), headers=AUTH)
+            assert response.status_code == 200  # the client has its answer all the same
+            keys.append(response.headers["x-replay-key"])
+        proxy.call(proxy.state.flights.drain())
+        stats = httpx2.get(proxy.url + "/_replay/stats").json()
+        assert stats["totals"]["store_errors"] == 6
+        assert stats["cassettes"]["full"]["store_errors"] == 6
+        assert "recorded" not in stats["totals"]
+        assert recorded_files(cassettes) == []
+        store.full = False  # space again: recording goes on
+        again = httpx2.post(proxy.url + "/c/full/v1/chat/completions", content=_chat(0),
+                            headers=AUTH)
+        assert again.headers["x-replay-status"] == "recorded"
+        proxy.call(proxy.state.flights.drain())
+        assert len(recorded_files(cassettes)) == 1
+    finally:
+        proxy.stop()
+    errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert len(errors) == 6
+    for key, record in zip(keys, errors, strict=True):
+        message = record.getMessage()
+        assert key in message and "No space left on device" in message
+        assert record.exc_info is None
+    assert not [record for record in caplog.records if record.exc_info], "a clean stop"
+
+
+def test_a_usage_log_that_cannot_be_written_does_not_stop_the_proxy(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from replay_proxy.server.usage import UsageLog
+
+    usage = UsageLog(tmp_path / ".replay-proxy")
+    blocked = tmp_path / ".replay-proxy" / "runs" / f"{usage.run}.json"
+    blocked.mkdir(parents=True)  # the run file cannot be replaced, as on a full disk
+    usage.note("c", "k" * 64)
+    usage.flush({"totals": {}})
+    usage.flush({"totals": {}})
+    assert [record.levelno for record in caplog.records] == [logging.WARNING]  # said once
+    blocked.rmdir()
+    usage.flush({"totals": {"hits": 1}})
+    assert orjson.loads(blocked.read_bytes())["totals"] == {"hits": 1}
+    assert usage.failing is False
