@@ -110,3 +110,27 @@ def test_client_disconnect_mid_stream_stores_nothing(make_proxy: ProxyFactory,
         time.sleep(1.2)
         assert recorded_files(cassettes) == []
         assert httpx2.get(proxy.url + "/_replay/health").status_code == 200
+
+
+@pytest.mark.parametrize("fault", ["reset", "hang:2"])
+def test_a_transient_upstream_fault_is_retried_by_the_sdk_and_recorded(
+        make_proxy: ProxyFactory, simulator: SimulatorThread, cassettes: Path,
+        fault: str) -> None:
+    simulator.state.faults = [fault]  # one-shot: the retry finds a healthy upstream
+    with make_proxy(Mode.RECORD, upstream_timeout=0.5) as proxy, \
+            OpenAI(base_url=proxy.url + "/v1", api_key=SECRET_KEY, timeout=10) as client:
+        assert client.max_retries == 2  # the SDK's default
+        assert client.chat.completions.create(**CHAT).choices
+        stats = httpx2.get(proxy.url + "/_replay/stats").json()["totals"]
+    assert simulator.state.calls == 2
+    assert stats["recorded"] == 1
+    assert len(recorded_files(cassettes)) == 1
+
+
+def test_a_replay_miss_is_not_retried(make_proxy: ProxyFactory, cassettes: Path) -> None:
+    with make_proxy(Mode.REPLAY) as proxy, \
+            OpenAI(base_url=proxy.url + "/v1", api_key=SECRET_KEY, timeout=10) as client:
+        with pytest.raises(openai.NotFoundError) as caught:
+            client.chat.completions.create(**CHAT)
+        assert caught.value.response.headers["x-should-retry"] == "false"
+        assert httpx2.get(proxy.url + "/_replay/stats").json()["totals"]["misses"] == 1
