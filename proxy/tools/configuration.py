@@ -32,7 +32,18 @@ from ..core.errors import ProxyError
 from ..core.modes import Mode
 from ..core.providers import validate_cassette_name
 from ..core.routes import SequencePolicy
-from ..core.settings import DEFAULT_MAX_BODY, DEFAULT_PORT, OPENAI_UPSTREAM, ReplayTiming, Settings
+from ..core.settings import (
+    DEFAULT_CACHE_MB,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_ANSWER,
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_PORT,
+    DEFAULT_UPSTREAM_TOTAL_TIMEOUT,
+    OPENAI_UPSTREAM,
+    ReplayTiming,
+    Settings,
+)
 
 ENV_PREFIX = "REPLAY_PROXY_"
 CONFIG_FILE = "replay-proxy.toml"
@@ -132,6 +143,24 @@ _SERVE_OPTIONS: tuple[Callable[[Any], Any], ...] = (
                  help="Token clients must present as their API key; required off loopback."),
     click.option("--upstream-timeout", default=600.0, show_default=True, type=float,
                  help="Seconds to wait for upstream data before answering 504."),
+    click.option("--upstream-total-timeout", default=DEFAULT_UPSTREAM_TOTAL_TIMEOUT,
+                 show_default=True, type=click.FloatRange(min=0, min_open=True),
+                 help="Seconds one upstream call may take in all, answer included (504 past "
+                      "it)."),
+    click.option("--max-answer", default=DEFAULT_MAX_ANSWER, show_default=True,
+                 type=click.IntRange(min=1),
+                 help="Largest answer stored, in bytes; a larger one is passed through, not "
+                      "stored."),
+    click.option("--cache-mb", default=DEFAULT_CACHE_MB, show_default=True,
+                 type=click.IntRange(min=0),
+                 help="Memory for cached entries, replies and miss indexes, in MiB (per "
+                      "worker)."),
+    click.option("--header-timeout", default=DEFAULT_HEADER_TIMEOUT, show_default=True,
+                 type=click.FloatRange(min=0, min_open=True),
+                 help="Seconds a client may take to send a request's head; then it is closed."),
+    click.option("--max-connections", default=DEFAULT_MAX_CONNECTIONS, show_default=True,
+                 type=click.IntRange(min=1),
+                 help="Open client connections per worker; past it, new ones get a 503."),
     click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
                  help="Processes serving the same port (SO_REUSEPORT), sharing the store."),
     click.option("--loop", "loop_choice", type=click.Choice(LOOPS), default="auto",
