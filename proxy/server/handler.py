@@ -184,7 +184,7 @@ async def _internal(state: ProxyState, request: web.BaseRequest) -> web.Response
                            "loop": loop_name(asyncio.get_running_loop()),
                            "pid": os.getpid(), "session": state.default_session}
     elif route == ("GET", "/_replay/stats"):
-        payload = state.snapshot()
+        payload = {**state.snapshot(), "memory": state.memory()}
     elif route == ("POST", "/_replay/reset"):
         named = request.rel_url.query.get("session")
         session = validate_session_name(named) if named is not None else state.default_session
