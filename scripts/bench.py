@@ -14,7 +14,9 @@ rounds interleaved A B A B so that the machine's noise falls on every server ali
    (`--only sse` needs no servers);
 8. fleet: two proxies on one three-node Redis Cluster against one proxy on one Redis: hit
    throughput, first-hit latency (the store read), and upstream calls for a burst of
-   identical misses spread over the proxies (single-flight across them).
+   identical misses spread over the proxies (single-flight across them);
+9. misses: replay misses on a cassette of 25,000 keys (the nearest recording is named in
+   each), and how long /_replay/health waits meanwhile (`--only misses` needs no wrk).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from replay_proxy.tools.testing import free_port, run_redis, run_redis_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-SECTIONS = ["throughput", "record", "streaming", "scale", "sse", "fleet"]
+SECTIONS = ["throughput", "record", "streaming", "scale", "sse", "fleet", "misses"]
 PROMPT = "Summarise the plot of a long novel in plain words."
 NAIVE_FORWARDER = """
 import sys
@@ -340,6 +342,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--scale", type=int, default=100_000, help="recordings in the big cassette")
+    parser.add_argument("--miss-keys", type=int, default=25_000,
+                        help="recordings in the cassette of the misses section")
     parser.add_argument("--quick", action="store_true", help="1 round, 1 s runs, 10k recordings")
     parser.add_argument("--profile", action="store_true",
                         help="also profile a replay-proxy under load with py-spy")
@@ -351,6 +355,10 @@ def main() -> int:
         args.rounds, args.duration, args.scale = 1, 1.0, 10_000
     if args.only == ["sse"]:  # in-process: no servers, and the saved results stay as they are
         print("\n".join(markdown_sse(measure_sse())))
+        return 0
+    if args.only == ["misses"]:  # no wrk, no simulator; the saved results stay as they are
+        with tempfile.TemporaryDirectory(prefix=".bench-", dir=ROOT) as temporary:
+            print("\n".join(markdown_misses(measure_misses(Path(temporary), args))))
         return 0
     if shutil.which("wrk") is None:
         print("wrk is needed: apt-get install wrk (scripts/bench installs it)", file=sys.stderr)
@@ -390,6 +398,8 @@ def main() -> int:
                 results["sse"] = measure_sse()
             if "fleet" in args.only:
                 results["fleet"] = measure_fleet(work, simulator, body, path, args)
+            if "misses" in args.only:
+                results["misses"] = measure_misses(work, args)
             if args.profile:
                 results["profile"] = profile_replay(work, body, path, args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -585,6 +595,81 @@ def markdown_sse(sse: dict[str, float]) -> list[str]:
             f"4 MiB event: {sse['4MiB_s']:.3f} s; 31 MiB event: {sse['31MiB_s']:.3f} s.", ""]
 
 
+def measure_misses(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Replay misses on a large cassette: the first (which may list the cassette), then one
+    at a time and eight at once, each naming its nearest recording; meanwhile a client asks
+    /_replay/health every 10 ms and the longest wait is kept."""
+    template = Recording(status=200, headers={"content-type": "application/json"},
+                         body=orjson.dumps({"id": "chatcmpl-bench", "object": "chat.completion",
+                                            "choices": []}))
+    root = work / "misses"
+    started = time.monotonic()
+    build_scale_cassettes(root, template, {"many": args.miss_keys})
+    built_s = time.monotonic() - started
+    port = free_port()
+    proxy = Server("misses", proxy_command(port, "--mode", "replay", "--cassettes", str(root)),
+                   port)
+    path = "/c/many/v1/chat/completions"
+    # Seed i with max_tokens 9 instead of 8: one field from recording i, so each miss names it.
+    probe = [chat_body(seed, 9) for seed in range(100, 160)]
+    waits: list[float] = []
+    stop = threading.Event()
+
+    def watch_health() -> None:
+        import http.client
+
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        while not stop.is_set():
+            begun = time.perf_counter()
+            connection.request("GET", "/_replay/health")
+            connection.getresponse().read()
+            waits.append((time.perf_counter() - begun) * 1000)
+            time.sleep(0.01)
+        connection.close()
+
+    def miss(body: bytes) -> float:
+        begun = time.perf_counter()
+        status, answer, _ = http_post(port, path, body)
+        assert status == 404 and b"differs in 1 field(s): max_tokens" in answer, answer[:300]
+        return (time.perf_counter() - begun) * 1000
+
+    with running(proxy):
+        watcher = threading.Thread(target=watch_health)
+        watcher.start()
+        try:
+            first_ms = miss(probe[0])
+            time.sleep(0.2)
+            first_waits = list(waits)
+            sequential = [miss(body) for body in probe[1:31]]
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(8) as pool:
+                begun = time.perf_counter()
+                concurrent = list(pool.map(miss, probe[31:]))
+                burst_s = time.perf_counter() - begun
+        finally:
+            stop.set()
+            watcher.join()
+        rss = proxy.rss_mb()
+    return {"keys": args.miss_keys, "build_s": built_s, "first_miss_ms": first_ms,
+            "miss_p50_ms": statistics.median(sequential),
+            "miss_p99_ms": percentile(sequential, 0.99),
+            "concurrent_p50_ms": statistics.median(concurrent), "burst_s": burst_s,
+            "health_max_wait_ms": max(waits), "health_max_wait_first_ms": max(first_waits),
+            "health_p99_wait_ms": percentile(waits, 0.99), "rss_mb": rss}
+
+
+def markdown_misses(misses: dict[str, Any]) -> list[str]:
+    return [f"## Replay misses on a cassette of {misses['keys']:,} keys", "",
+            f"First miss (lists the cassette): {misses['first_miss_ms']:.0f} ms. Then, one at "
+            f"a time: p50 {misses['miss_p50_ms']:.1f} ms, p99 {misses['miss_p99_ms']:.1f} ms; "
+            f"eight at once: p50 {misses['concurrent_p50_ms']:.1f} ms. Each names its nearest "
+            "recording. /_replay/health, asked every 10 ms meanwhile, waited at most "
+            f"{misses['health_max_wait_ms']:.1f} ms (p99 {misses['health_p99_wait_ms']:.1f} ms; "
+            f"{misses['health_max_wait_first_ms']:.1f} ms during the first miss). RSS "
+            f"{misses['rss_mb']:.0f} MB.", ""]
+
+
 def cold_hits_by_store(root: Path, args: argparse.Namespace, count: int) -> dict[str, float]:
     """First-time hits on 100 keys, one fresh proxy per store: what reading the store costs."""
     stores = {"directory": str(root), "diskcache": f"diskcache:{root.parent / 'cold-cache'}",
@@ -689,6 +774,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += markdown_sse(results["sse"])
     if "fleet" in results:
         lines += markdown_fleet(results["fleet"])
+    if "misses" in results:
+        lines += markdown_misses(results["misses"])
     if results.get("profile"):
         lines += ["## Profile of a replay hit under load (py-spy, inclusive share)", ""]
         if results.get("profile_command"):  # profiled in a later run than the tables above

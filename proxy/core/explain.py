@@ -82,6 +82,46 @@ def nearest(requested: Mapping[str, Any],
     return best
 
 
+# How many fields of a request are indexed to find its nearest recordings (the rest still
+# count in the exact comparison of the few candidates the index proposes).
+INDEXED_FIELDS = 64
+
+Bucket = tuple[str, str, str, str, str]
+
+
+def bucket(canonical: Mapping[str, Any]) -> Bucket:
+    """Where a request is indexed: its provider, method, route, deployment and model. The
+    nearest recording is nearly always in the same bucket, and a bucket is a small part of a
+    large cassette."""
+    view = _view(canonical)
+    return (str(view.get("provider")), str(view.get("method")), str(view.get("route")),
+            str(view.get("deployment")), str(view.get("model")))
+
+
+def features(canonical: Mapping[str, Any]) -> tuple[int, ...]:
+    """Hashes of a request's fields, two levels deep (`temperature`, `messages[0]`, ...), at
+    most INDEXED_FIELDS: two requests share a feature exactly when they agree on that field, so
+    the recordings sharing the most features with a request are its nearest candidates. The
+    hashes hold for one process (Python's hash of text is salted per process)."""
+    found: list[int] = []
+    for name, value in _view(canonical).items():
+        if isinstance(value, list) and value:
+            found += (hash((name, index, _canonical_json(item))) for index, item in
+                      enumerate(value))
+        elif isinstance(value, Mapping) and value:
+            found += (hash((name, str(field), _canonical_json(item))) for field, item in
+                      value.items())
+        else:
+            found.append(hash((name, _canonical_json(value))))
+        if len(found) >= INDEXED_FIELDS:
+            break
+    return tuple(found[:INDEXED_FIELDS])
+
+
+def _canonical_json(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
 def _view(canonical: Mapping[str, Any]) -> dict[str, Any]:
     """Body fields at the top level, where users know them (`temperature`, not `body.temperature`)."""
     view = {name: value for name, value in canonical.items() if name != "body"}
@@ -101,13 +141,18 @@ def _score(found: tuple[Difference, ...]) -> tuple[int, int]:
 
 def explain_miss(cassette: str, canonical: Mapping[str, Any], key: str,
                  candidates: Iterable[tuple[str, str, Mapping[str, Any]]],
-                 say: OptionSpelling = COMMAND_LINE) -> str:
+                 say: OptionSpelling = COMMAND_LINE, indexing: bool = False) -> str:
+    """`candidates`: the recordings to compare with (the nearest few an index proposes, or
+    all); `indexing`: the cassette's recordings are still being listed, none was compared."""
     route = f"{canonical.get('method')} {canonical.get('route')}"
     where = f" (deployment {canonical['deployment']})" if canonical.get("deployment") else ""
     head = (f"Replay miss: cassette '{cassette}' has no recording for {route}{where} "
             f"with key {key[:16]}.")
-    best = nearest(canonical, candidates)
-    if best is None:
+    best = None if indexing else nearest(canonical, candidates)
+    if indexing:
+        tail = (" The cassette's recordings are still being indexed; the next miss names the "
+                "nearest one.")
+    elif best is None:
         tail = " The cassette is empty."
     else:
         shown = "; ".join(d.render() for d in best.differences[:8])

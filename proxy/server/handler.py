@@ -124,6 +124,7 @@ class ReplayProxy:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
         await state.flights.close()
+        await state.misses.close()
         if state.usage is not None:
             state.usage.flush(state.snapshot())
         if self._session is not None:
@@ -331,11 +332,10 @@ async def _miss_error(state: ProxyState, miss: Miss, cassette: str, session: str
     say = state.settings.option_spelling
     match reason:
         case NotRecorded():
-            candidates = [
-                (item.label, item.key, item.entry.request)
-                for item in await state.store.items(cassette) if item.entry is not None
-            ]
-            return ReplayMiss(explain_miss(cassette, canonical, key, candidates, say))
+            # The nearest few from the cassette's index, built off the event loop.
+            candidates = await state.misses.candidates(cassette, canonical)
+            return ReplayMiss(explain_miss(cassette, canonical, key, candidates or [], say,
+                                           indexing=candidates is None))
         case FingerprintNotRecorded():
             return ReplayMiss(explain_fingerprint(cassette, str(canonical.get("method")),
                                                   route.route, key, reason, say),

@@ -14,6 +14,7 @@ from ..core.modes import Mode
 from ..core.settings import Settings
 from ..store import Store
 from .flights import SingleFlight
+from .misses import MissIndex
 from .upstream import Upstream
 from .usage import UsageLog, new_run_id
 
@@ -83,6 +84,10 @@ class ProxyState:
     _hot_bytes: int = 0
     _entries: dict[tuple[str, str], tuple[Entry, int]] = field(default_factory=dict)
     _entries_bytes: int = 0
+    misses: MissIndex = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.misses = MissIndex(self.store, int(self.settings.cache_mb * MIB * INDEX_SHARE))
 
     @cached_property
     def hot_headers(self) -> tuple[str, ...]:
@@ -170,6 +175,7 @@ class ProxyState:
         """Cache an entry read or recorded, within its share of --cache-mb; oldest go first."""
         if changed:
             self.forget_hot()  # a key gained a recording or a pin: resolve hits afresh
+            self.misses.add(cassette, entry)
         name = (cassette, entry.key)
         previous = self._entries.pop(name, None)
         if previous is not None:
@@ -187,7 +193,7 @@ class ProxyState:
         """What the caches hold, in estimated bytes and items, for /_replay/stats."""
         return {"budget_bytes": self._budget, "entries": len(self._entries),
                 "entries_bytes": self._entries_bytes, "hot_replies": len(self.hot),
-                "hot_bytes": self._hot_bytes}
+                "hot_bytes": self._hot_bytes, **self.misses.memory()}
 
     def snapshot(self) -> dict[str, Any]:
         return {
