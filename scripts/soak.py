@@ -4,7 +4,8 @@ its memory, open file descriptors and sockets for leaks.
 The mix: replay hits on keys recorded at the start, new keys (misses that are forwarded and
 recorded), and streams (both kinds), from a fixed pool of concurrent clients, all on loopback
 against the bundled simulator. It prints a sample every 5,000 requests and exits 1 if RSS or
-descriptors keep growing.
+descriptors keep growing. `--prompt-kb 1024 --cache-mb 32` makes every prompt 1 MiB, to show
+that memory follows the cache budget, not the number or size of the requests.
 """
 
 from __future__ import annotations
@@ -49,9 +50,13 @@ def _sample(pid: int) -> dict[str, float]:
     return {"rss_mb": rss, "fds": len(fds), "sockets": sockets}
 
 
+PADDING = {"text": ""}  # --prompt-kb: filler appended to every prompt
+
+
 def _body(seed: int, stream: bool) -> bytes:
     body: dict[str, object] = {"model": "gpt-4o-mini", "seed": seed, "max_tokens": 24,
-                               "messages": [{"role": "user", "content": "Soak test."}]}
+                               "messages": [{"role": "user",
+                                             "content": "Soak test." + PADDING["text"]}]}
     if stream:
         body["stream"] = True
     return orjson.dumps(body)
@@ -117,12 +122,16 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=50_000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-rss-growth-mb", type=float, default=60.0)
+    parser.add_argument("--prompt-kb", type=int, default=0, help="filler in every prompt, KiB")
+    parser.add_argument("--cache-mb", type=int, default=None, help="the proxy's --cache-mb")
     args = parser.parse_args()
+    PADDING["text"] = " " + "x" * (args.prompt_kb * 1024) if args.prompt_kb else ""
+    budget = ["--cache-mb", str(args.cache_mb)] if args.cache_mb is not None else []
     with tempfile.TemporaryDirectory(prefix=".soak-", dir=ROOT) as folder:
         sim_port, proxy_port = free_port(), free_port()
         simulator = _start(["simulate"], sim_port)
         proxy = _start(["serve", "--mode", "record", "--cassettes", folder, "--openai-upstream",
-                        f"http://127.0.0.1:{sim_port}"], proxy_port)
+                        f"http://127.0.0.1:{sim_port}", *budget], proxy_port)
         try:
             url = f"http://127.0.0.1:{proxy_port}"
             warm = [httpx2.post(url + "/v1/chat/completions", content=_body(seed, stream),
@@ -135,6 +144,8 @@ def main() -> int:
             print(f"{'start':>7}           " + "  ".join(f"{k} {v:.0f}" for k, v in before.items()))
             samples = asyncio.run(_run(url, args.requests, args.clients, proxy.pid))
             elapsed = time.monotonic() - started
+            memory = httpx2.get(url + "/_replay/stats").json().get("memory", {})
+            print("caches: " + ", ".join(f"{k} {v}" for k, v in memory.items()))
         finally:
             proxy.terminate()
             simulator.terminate()
