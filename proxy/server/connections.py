@@ -35,6 +35,32 @@ class ConnectionLimits:
     keepalive_timeout: float = 75.0  # an idle keep-alive connection is closed after this
 
 
+def descriptor_room(wanted: int, reserved: int) -> int:
+    """The client connections this process can hold: `wanted`, raising the soft limit on open
+    descriptors toward the hard one if need be, or as many as the limit leaves room for beside
+    `reserved` other descriptors. Past the descriptor limit a connection cannot even be
+    accepted and the client is reset; within it, it gets a 503."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX: nothing to read or raise
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + reserved
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted
+    room = max(16, soft - reserved)
+    log.warning("--max-connections %d is more than %d open descriptors (ulimit -n) leave room "
+                "for; serving at most %d connections", wanted, soft, room)
+    return room
+
+
 class ProxyServer(web.Server):
     """aiohttp's low-level server, making `ProxyConnection`s."""
 

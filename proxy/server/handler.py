@@ -50,12 +50,12 @@ from ..core.settings import Settings
 from ..store import Store, open_store
 from ..store.state_dir import state_dir
 from . import access_log
-from .connections import ConnectionLimits, ProxyConnection, ProxyServer
+from .connections import ConnectionLimits, ProxyConnection, ProxyServer, descriptor_room
 from .flights import ClientGone, Flight, FlightCut
 from .recorder import Exchange, pump, replay_headers
 from .serving import loop_name
 from .state import HotKey, HotReply, ProxyState
-from .upstream import Upstream, client_timeout
+from .upstream import UPSTREAM_CONNECTIONS, Upstream, client_timeout
 from .usage import UsageLog, new_run_id
 
 log = logging.getLogger("replay_proxy")
@@ -98,8 +98,11 @@ class ReplayProxy:
                                    client_max_size=max_body)
 
         settings = self.state.settings
+        # Beside client connections: the upstream pool, store files, locks, the usage log.
+        reserved = UPSTREAM_CONNECTIONS + 64
         limits = ConnectionLimits(header_timeout=settings.header_timeout,
-                                  max_connections=settings.max_connections)
+                                  max_connections=descriptor_room(settings.max_connections,
+                                                                  reserved))
         # The handler is _handle itself, no wrapper coroutine on the path of every request, unless
         # info logging asks for one line per request.
         handler = access_log.wrap(functools.partial(_handle, self.state))
@@ -110,7 +113,7 @@ class ReplayProxy:
         state = self.state
         self._session = aiohttp.ClientSession(
             timeout=client_timeout(state.settings), auto_decompress=True,
-            connector=aiohttp.TCPConnector(limit=256, force_close=False),
+            connector=aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS, force_close=False),
             # One session serves every client: an upstream cookie must never pass between them.
             cookie_jar=aiohttp.DummyCookieJar(),
         )

@@ -16,6 +16,8 @@ from ..core.errors import UpstreamError
 from ..core.providers import Route
 from ..core.settings import Settings
 
+UPSTREAM_CONNECTIONS = 256  # the upstream pool's size
+
 _HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "trailers", "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",

@@ -217,3 +217,66 @@ def test_a_client_leaving_at_the_end_of_a_stream_is_not_an_error(
             time.sleep(0.2)
         assert httpx2.get(proxy.url + "/_replay/health").status_code == 200
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.load
+def test_slow_clients_past_the_descriptor_limit_do_not_lock_others_out(
+        simulator: SimulatorThread, cassettes: Path) -> None:
+    import resource
+    import subprocess
+    import sys
+
+    from replay_proxy.tools.testing import free_port
+
+    def low_limit() -> None:  # the process's ulimit -n: 448 descriptors, no way to raise it
+        resource.setrlimit(resource.RLIMIT_NOFILE, (448, 448))
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "replay_proxy", "serve", "--port", str(port), "--mode", "record",
+         "--cassettes", str(cassettes), "--openai-upstream", simulator.url,
+         "--header-timeout", "3"], preexec_fn=low_limit,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+
+    def slow_clients(count: int) -> list[socket.socket]:
+        opened = []
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n")  # and never the rest
+            opened.append(sock)
+        return opened
+
+    slow: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx2.get(url + "/_replay/health", timeout=1).status_code == 200:
+                    break
+            except httpx2.HTTPError:
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.1)
+        # The limit leaves descriptors to spare: past it, a client is told so, not reset.
+        slow = slow_clients(250)
+        busy = httpx2.post(url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=20)
+        assert busy.status_code == 503, busy.text
+        assert busy.json()["error"]["code"] == "too_many_connections"
+        assert all(_closed_within(sock, 10) for sock in slow)
+        assert httpx2.post(url + "/v1/chat/completions", json=CHAT, headers=AUTH,
+                           timeout=20).status_code == 200
+        # More slow clients than descriptors: some are dropped at once, the rest closed at the
+        # head deadline, and then everyone is served again.
+        slow += slow_clients(600)
+        assert all(_closed_within(sock, 10) for sock in slow)
+        assert httpx2.post(url + "/v1/chat/completions", json=CHAT, headers=AUTH,
+                           timeout=20).status_code == 200
+    finally:
+        for sock in slow:
+            sock.close()
+        process.terminate()
+        process.wait(10)
+        assert process.stderr is not None
+        warnings = process.stderr.read().decode()
+        process.stderr.close()
+    assert "--max-connections 1024 is more than 448 open descriptors" in warnings
