@@ -78,7 +78,8 @@ class ProxyServer(web.Server):
 
 
 class ProxyConnection(RequestHandler):
-    __slots__ = ("_count_at_head", "_gone", "_head_since", "_head_timeout", "_head_timer")
+    __slots__ = ("_body", "_count_at_head", "_gone", "_head_since", "_head_timeout",
+                 "_head_timer")
 
     def __init__(self, manager: ProxyServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -87,6 +88,7 @@ class ProxyConnection(RequestHandler):
         self._count_at_head = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._gone: asyncio.Future[None] | None = None
+        self._body: Any = None  # the payload of the latest request head
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -105,7 +107,9 @@ class ProxyConnection(RequestHandler):
         super().data_received(data)
         if self._request_count != count:
             self._head_since = None  # a whole head arrived
-        elif self._head_since is None and data and not self._request_in_progress:
+            self._body = self._messages[-1][1] if self._messages else None
+        elif self._head_since is None and data and not self._request_in_progress and (
+                self._body is None or self._body.is_eof()):
             self._head_since = self._loop.time()  # the first bytes of the next request
             self._count_at_head = count
             if self._head_timer is None:

@@ -93,6 +93,15 @@ def test_a_keep_alive_connection_outlives_the_header_timeout(make_proxy: ProxyFa
         time.sleep(0.2)
         sock.sendall(_head()[20:] + BODY)
         assert _read_response(sock).startswith(b"HTTP/1.1 200")
+        # A body may take longer than a head: the deadline is for heads only.
+        sock.sendall(_head())
+        for start in range(0, len(BODY), len(BODY) // 4 + 1):
+            time.sleep(0.3)
+            sock.sendall(BODY[start:start + len(BODY) // 4 + 1])
+        assert _read_response(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(1.0)
+        sock.sendall(_head() + BODY)
+        assert _read_response(sock).startswith(b"HTTP/1.1 200")
 
 
 @pytest.mark.load
