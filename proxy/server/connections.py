@@ -162,7 +162,10 @@ class ProxyConnection(RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("the response had begun; the connection is closed instead")
         detail = message or (str(exc) if exc is not None else "") or "malformed request"
-        log.warning("refused a malformed request from %s: %s", request.remote, detail)
+        if status >= 500:  # not the client's doing: the traceback is wanted
+            log.error("error handling a request from %s", request.remote, exc_info=exc)
+        else:
+            log.warning("refused a malformed request from %s: %s", request.remote, detail)
         if status >= 500:
             text = ("replay-proxy could not handle the request; nothing was stored. Please "
                     "report it with the proxy's log.")
