@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
-import socket
 import threading
 import time
 from collections import Counter
@@ -227,11 +226,3 @@ def test_the_total_upstream_timeout_ends_an_answer_that_never_pauses(
         assert _wait_for(lambda: upstream.ended["trickle"] == 1)
         assert recorded_files(cassettes) == []
 
-
-def _raw(port: int, request: bytes, timeout: float = 5.0) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(request)
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
-    return reply
