@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 log = logging.getLogger("replay_proxy")
@@ -95,7 +95,8 @@ class Flight:
         while not self.shared and self._buffered > limit and self.followers > 0:
             await self._changed.wait()
 
-    async def follow(self, gone: asyncio.Future[None] | None = None) -> AsyncIterator[bytes]:
+    async def follow(self, gone: asyncio.Future[None] | None = None
+                     ) -> AsyncGenerator[bytes, None]:
         """Every chunk from the first, waiting for new ones until the flight ends."""
         token = object()
         index = self._dropped

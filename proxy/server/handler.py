@@ -467,8 +467,10 @@ async def _follow(state: ProxyState, request: web.BaseRequest, flight: Flight,
         response = web.StreamResponse(status=head.status, headers=headers)
         await response.prepare(request)
         try:
-            async for chunk in flight.follow(gone):
-                await response.write(chunk)
+            # Closed at once when the client leaves: its place in the flight is let go.
+            async with contextlib.aclosing(flight.follow(gone)) as chunks:
+                async for chunk in chunks:
+                    await response.write(chunk)
         except FlightCut:
             # Show the client the cut as it happened: close without the final chunk.
             if request.transport is not None:
