@@ -163,9 +163,10 @@ async def _flush_usage(state: ProxyState, every: float = 1.0) -> None:
 
 
 # The proxy's own errors that a retry can cure: the upstream was unreachable, slow or cut off
-# (as the SDK would retry against the real API). A miss, a bad request or a corrupt cassette
-# gives the same answer every time, so it says not to retry.
-_RETRYABLE = frozenset({"upstream_unreachable", "upstream_timeout", "upstream_cut"})
+# (as the SDK would retry against the real API), or the shared store was out of reach. A miss,
+# a bad request or a corrupt cassette gives the same answer every time: do not retry.
+_RETRYABLE = frozenset({"upstream_unreachable", "upstream_timeout", "upstream_cut",
+                        "store_unavailable"})
 
 
 def error_response(exc: ProxyError, headers: dict[str, str] | None = None) -> web.Response:
