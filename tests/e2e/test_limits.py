@@ -187,8 +187,11 @@ async def test_abandoned_calls_to_a_hanging_upstream_free_their_connections(
                 client.post(proxy.url + "/v1/chat/completions", content=_chat("hang", seed),
                             headers=AUTH) for seed in range(60)), return_exceptions=True)
         assert all(isinstance(result, httpx2.TimeoutException) for result in results)
-        assert await asyncio.to_thread(_wait_for, lambda: upstream.ended["hang"] == 60)
-        assert upstream.open == 0
+        # Every call that reached the upstream is cancelled (on a busy machine a client may
+        # give up before its call was even made).
+        assert await asyncio.to_thread(
+            _wait_for, lambda: upstream.open == 0 and _flights(proxy) == 0)
+        assert upstream.ended["hang"] == upstream.calls > 0
         async with httpx2.AsyncClient(timeout=10) as client:
             healthy = await client.post(proxy.url + "/v1/chat/completions", content=_chat("ok"),
                                         headers=AUTH)
