@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import socket
 import threading
 import time
 from collections import Counter
@@ -87,6 +88,15 @@ class Misbehaving:
             while True:
                 await response.write(b" ")
                 await asyncio.sleep(0.1)
+        if model == "long-stream":  # 2 MiB of events, then [DONE]
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            event = b"data: " + orjson.dumps({"choices": [{"delta": {"content": "x" * 65000}}]})
+            for _ in range(32):
+                await response.write(event + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
         if model == "bomb":
             payload = b'{"data": "' + b"0" * (8 * MIB) + b'"}'
             return web.Response(body=gzip.compress(payload, 9), headers={
@@ -147,6 +157,19 @@ def test_an_answer_over_max_answer_streams_through_and_is_not_stored(
                for record in caplog.records)
 
 
+def test_a_stream_over_max_answer_reaches_the_client_whole_and_is_not_stored(
+        upstream: Misbehaving, cassettes: Path) -> None:
+    with run_proxy(_settings(cassettes, upstream, max_answer=MIB)) as proxy:
+        response = httpx2.post(proxy.url + "/v1/chat/completions", content=_chat("long-stream"),
+                               headers=AUTH, timeout=30)
+        assert response.status_code == 200
+        assert response.content.count(b"data: ") == 33 and response.content.endswith(
+            b"data: [DONE]\n\n")
+        proxy.call(proxy.state.flights.drain())
+        assert httpx2.get(proxy.url + "/_replay/stats").json()["totals"]["too_large"] == 1
+        assert recorded_files(cassettes) == []
+
+
 def test_an_endless_body_is_passed_through_at_the_clients_pace(
         upstream: Misbehaving, cassettes: Path) -> None:
     with run_proxy(_settings(cassettes, upstream, max_answer=MIB)) as proxy:
@@ -162,6 +185,29 @@ def test_an_endless_body_is_passed_through_at_the_clients_pace(
         assert _wait_for(lambda: upstream.ended["endless"] == 1)
         assert _wait_for(lambda: _flights(proxy) == 0)
         assert recorded_files(cassettes) == []
+
+
+def test_a_client_that_stops_reading_holds_the_upstream_back(upstream: Misbehaving,
+                                                             cassettes: Path) -> None:
+    with run_proxy(_settings(cassettes, upstream, max_answer=MIB)) as proxy, \
+            socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        body = _chat("endless")
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nAuthorization: Bearer sk-test\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        received = 0
+        while received < 2 * MIB:
+            received += len(sock.recv(65536))
+        # The client reads no more but stays: the proxy keeps at most its pass-through buffer
+        # (1 MiB) and a chunk, whatever the upstream would send.
+        time.sleep(1.0)
+        buffered = proxy.invoke(lambda: [flight._buffered for flight in
+                                         proxy.state.flights._flights.values()])
+        time.sleep(0.5)
+        assert buffered and max(buffered) <= MIB + 256 * 1024, buffered
+        assert proxy.invoke(lambda: [flight._buffered for flight in
+                                     proxy.state.flights._flights.values()]) == buffered
+    assert _wait_for(lambda: upstream.ended["endless"] == 1)
 
 
 def test_a_client_that_leaves_a_non_stream_answer_cancels_the_upstream_call(
