@@ -20,6 +20,7 @@ import orjson
 
 from .errors import ProxyError
 from .providers import Route
+from .rules import Normaliser, Rules
 
 # Fields that never change what the model answers: end-user ids, tags, storage opt-ins and
 # cache-routing hints. Users can move a field either way with --ignore-field / --match-field.
@@ -54,12 +55,19 @@ _MAX_PART_HEADERS = 16
 
 @dataclass(frozen=True)
 class KeyPolicy:
+    """How a request becomes its key: the top-level fields left out, the headers kept, the
+    matching rules (masks, ignored paths, redactions), and a Python hook for what no rule
+    expresses, run after the rules, the same way when recording and when matching."""
+
     ignored_fields: frozenset[str] = DEFAULT_IGNORED_FIELDS
     matched_headers: frozenset[str] = DEFAULT_MATCHED_HEADERS
+    rules: Rules = field(default_factory=Rules)
+    normalise: Normaliser | None = None
 
     @classmethod
     def build(cls, ignore: tuple[str, ...] = (), match: tuple[str, ...] = (),
-              match_headers: tuple[str, ...] = ()) -> KeyPolicy:
+              match_headers: tuple[str, ...] = (), rules: Rules | None = None,
+              normalise: Normaliser | None = None) -> KeyPolicy:
         refused = sorted(set(ignore) & NEVER_IGNORED)
         if refused:
             raise ValueError(
@@ -68,7 +76,7 @@ class KeyPolicy:
             )
         fields = (DEFAULT_IGNORED_FIELDS | set(ignore)) - set(match)
         headers = DEFAULT_MATCHED_HEADERS | {h.lower() for h in match_headers}
-        return cls(frozenset(fields), frozenset(headers))
+        return cls(frozenset(fields), frozenset(headers), rules or Rules(), normalise)
 
 
 @dataclass(frozen=True)

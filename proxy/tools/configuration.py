@@ -256,7 +256,8 @@ def settings_from(params: Mapping[str, Any], **fixed: Any) -> Settings:
     names = {f.name for f in fields(Settings)}
     values = {name: value for name, value in params.items() if name in names}
     try:
-        policy = KeyPolicy.build(*(tuple(params.get(name) or ()) for name in KEY_POLICY_OPTIONS))
+        ignore, match, headers = (tuple(params.get(name) or ()) for name in KEY_POLICY_OPTIONS)
+        policy = KeyPolicy.build(ignore, match, headers)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--ignore-field") from exc
     return Settings(**{**values, "key_policy": policy, **fixed})
