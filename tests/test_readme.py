@@ -137,3 +137,32 @@ def test_the_install_lines_and_ci_examples_use_what_exists() -> None:
     run_options = {option for param in main.commands["run"].params for option in param.opts}
     assert {"--allow-misses", "--mode", "--cassettes", "--cassette", "--openai-upstream",
             "--log-level", "--log-format"} <= run_options
+
+
+def test_the_matching_rule_examples_parse_as_written(tmp_path: Path) -> None:
+    from replay_proxy.tools.cli import main
+    from replay_proxy.tools.configuration import (
+        cassette_rules_from,
+        default_maps,
+        read_config,
+        settings_from,
+    )
+
+    section = _section("## When your prompts change every run")
+    commands = re.findall(r"^replay-proxy serve (.*)$", section, flags=re.M)
+    assert len(commands) == 4
+    serve = main.commands["serve"]
+    for command in commands:
+        context = serve.make_context("serve", shlex.split(command, comments=True))
+        policy = settings_from(context.params).key_policy
+        assert policy.rules, command
+    toml = section.split("```toml")[1].split("```")[0]
+    config = tmp_path / "pyproject.toml"
+    config.write_text(toml)
+    loaded = read_config(config)
+    defaults = default_maps(loaded, {"serve": serve.params})["serve"]
+    assert defaults["mask"] == ["iso-datetime", "iso-date", "uuid"]
+    assert defaults["max_age"] == "30d"
+    [(cassette, rules)] = cassette_rules_from(loaded)
+    assert cassette == "tests/test_reports" and rules.masks[0].placeholder == "report-N"
+    assert serve.make_context("serve", [], default_map=defaults).params["max_age"] == 30 * 86400.0

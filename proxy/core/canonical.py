@@ -98,8 +98,18 @@ def credential_values(query: Iterable[tuple[str, str]]) -> list[str]:
     return [value for name, value in query if is_credential_param(name)]
 
 
-def canonical_request(request: IncomingRequest, policy: KeyPolicy) -> dict[str, Any]:
-    """The JSON-ready description of a request that the key is computed over."""
+@dataclass(frozen=True)
+class Keyed:
+    """A request as keyed: the canonical form the key is computed over (matching rules and the
+    normalise hook applied: what is stored), and what the rules changed, for explanations."""
+
+    canonical: dict[str, Any]
+    key: str
+    changed: Mapping[tuple[str | int, ...], Any]  # body location -> its value before the rules
+    dropped: tuple[str, ...]  # ignored paths that removed something from this body
+
+
+def keyed_request(request: IncomingRequest, policy: KeyPolicy) -> Keyed:
     route = request.route
     query = sorted((k, v) for k, v in request.query
                    if k != "api-version" and not is_credential_param(k))
@@ -108,6 +118,11 @@ def canonical_request(request: IncomingRequest, policy: KeyPolicy) -> dict[str, 
         if name in request.headers
     }
     body, kind = canonical_body(request, policy)
+    changed: Mapping[tuple[str | int, ...], Any] = {}
+    dropped: tuple[str, ...] = ()
+    if kind is None and policy.rules:
+        applied = policy.rules.apply(body)
+        body, changed, dropped = applied.body, applied.changed, applied.dropped
     canonical = {
         "provider": route.provider,
         "method": request.method.upper(),
@@ -120,7 +135,34 @@ def canonical_request(request: IncomingRequest, policy: KeyPolicy) -> dict[str, 
     }
     if kind is not None:
         canonical["body_kind"] = kind
-    return canonical
+    if policy.normalise is not None:
+        canonical = _normalised(policy.normalise, canonical)
+    return Keyed(canonical, request_key(canonical), changed, dropped)
+
+
+def _normalised(normalise: Normaliser, canonical: dict[str, Any]) -> dict[str, Any]:
+    """The user's hook, given a copy; what it returns must still be a JSON-ready request."""
+    try:
+        result = normalise(orjson.loads(orjson.dumps(canonical)))
+        orjson.dumps(result)
+    except Exception as exc:
+        raise ProxyError(
+            f"The normalise hook {getattr(normalise, '__qualname__', normalise)!r} failed on "
+            f"this request ({exc.__class__.__name__}: {exc}); fix it or remove it from "
+            "replay_config.", status=500, type="server_error", code="normalise_failed",
+        ) from exc
+    if not isinstance(result, dict) or not {"method", "route"} <= set(result):
+        raise ProxyError(
+            f"The normalise hook {getattr(normalise, '__qualname__', normalise)!r} must return "
+            "the canonical request it was given (a dict with method, route, body, ...), "
+            "changed where it should be.", status=500, type="server_error",
+            code="normalise_failed")
+    return result
+
+
+def canonical_request(request: IncomingRequest, policy: KeyPolicy) -> dict[str, Any]:
+    """The JSON-ready description of a request that the key is computed over."""
+    return keyed_request(request, policy).canonical
 
 
 def request_key(canonical: Mapping[str, Any]) -> str:

@@ -87,6 +87,9 @@ class Entry:
     pinned_fingerprint: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     sequence: bool = False
+    # The matching rules the request was keyed under (`Rules.describe()`): shown when a replay
+    # under other rules misses it. Never compiled: a cassette is untrusted input.
+    rules: dict[str, list[str]] = field(default_factory=dict)
 
     def add(self, recording: Recording) -> Entry:
         """One more alternative; the first recording's fingerprint is pinned."""
@@ -96,6 +99,12 @@ class Entry:
 
     def as_sequence(self, recordings: tuple[Recording, ...]) -> Entry:
         return replace(self, recordings=recordings, pinned_fingerprint=None, sequence=True)
+
+    def last_confirmed(self) -> str:
+        """When an answer of this key was last recorded or confirmed by an identical one (ISO
+        time; empty when none says)."""
+        return max((max(recording.recorded_at, recording.verified_at or "")
+                    for recording in self.recordings), default="")
 
     def verified(self, recording: Recording, at: str) -> Entry:
         """`recording` (one of this entry's) was confirmed by an identical fresh answer at `at`:
@@ -136,6 +145,7 @@ def encode_entry(entry: Entry) -> bytes:
         "request": sort_keys(entry.request),
         **({"extra": sort_keys(entry.extra)} if entry.extra else {}),
         "sequence": entry.sequence,
+        **({"rules": sort_keys(entry.rules)} if entry.rules else {}),
         "pinned_fingerprint": entry.pinned_fingerprint,
         "recordings": recordings,
     }
@@ -352,6 +362,7 @@ def _decode_document(document: dict[str, Any]) -> Entry:
     sequence = document.get("sequence", False)
     if not isinstance(sequence, bool):
         raise _Invalid(f"sequence: {_show(sequence)} is not true or false")
+    rules = _rules(document.get("rules", {}))
     pinned = _optional_string(document.get("pinned_fingerprint"), "pinned_fingerprint")
     items = document.get("recordings")
     if not isinstance(items, list):
@@ -360,7 +371,25 @@ def _decode_document(document: dict[str, Any]) -> Entry:
                        for index, item in enumerate(items))
     assert isinstance(key, str) and isinstance(label, str)
     return Entry(key=key, label=label, request=request, recordings=recordings,
-                 pinned_fingerprint=pinned, extra=extra, sequence=sequence)
+                 pinned_fingerprint=pinned, extra=extra, sequence=sequence, rules=rules)
+
+
+_RULE_KINDS = frozenset({"mask", "ignore_path", "redact"})
+
+
+def _rules(value: object) -> dict[str, list[str]]:
+    """`{"mask": [...], "ignore_path": [...], "redact": [...]}`: a few short strings each."""
+    rules = _object(value, "rules")
+    checked: dict[str, list[str]] = {}
+    for kind, written in rules.items():
+        if kind not in _RULE_KINDS:
+            raise _Invalid(f"rules: {_show(kind)} is not a kind of rule "
+                           f"({', '.join(sorted(_RULE_KINDS))})")
+        if not isinstance(written, list) or len(written) > 64 or not all(
+                isinstance(rule, str) and 0 < len(rule) <= 1024 for rule in written):
+            raise _Invalid(f"rules.{kind}: {_show(written)} is not a list of up to 64 rules")
+        checked[kind] = list(written)
+    return checked
 
 
 def _request(value: object) -> dict[str, Any]:

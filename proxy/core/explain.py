@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import orjson
 
 from .plan import FingerprintNotRecorded, SequenceExhausted
+from .rules import Rules, compare_rules
 
 _MISSING = object()
 _SHOWN = 60  # characters of context kept around the first difference of two strings
@@ -49,6 +51,49 @@ class Nearest:
     label: str
     key: str
     differences: tuple[Difference, ...]
+    rules: Mapping[str, Any] | None = None  # the rules it was keyed under, as stored
+
+
+@dataclass(frozen=True)
+class RuleNotes:
+    """What today's matching rules did to the request that missed: the rules, each body
+    location a mask or redaction changed (with its value before), and the ignored paths that
+    removed something."""
+
+    rules: Rules
+    changed: Mapping[tuple[str | int, ...], Any]
+    dropped: tuple[str, ...] = ()
+
+    def before_rules(self, path: str) -> Any:
+        """The value at a difference's path before the rules changed it, or _MISSING."""
+        for location, value in self.changed.items():
+            if _location_path(location) == path:
+                return value
+        return _MISSING
+
+    def ignoring(self, path: str) -> str | None:
+        """The --ignore-path that left this path out of the key, if one did."""
+        return next((ignored.source for ignored in self.rules.ignored
+                     if _location_path(ignored.steps) == path
+                     or ignored.covers(_path_location(path))), None)
+
+
+def _location_path(location: Iterable[Any]) -> str:
+    """("messages", 0, "content") -> "messages[0].content", as a Difference names its path."""
+    text = ""
+    for step in location:
+        if isinstance(step, int) or repr(step) == "[*]":
+            text += f"[{step}]" if isinstance(step, int) else "[*]"
+        else:
+            text += f".{step}" if text else str(step)
+    return text
+
+
+def _path_location(path: str) -> tuple[str | int, ...]:
+    steps: list[str | int] = []
+    for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path):
+        steps.append(int(index) if index else name)
+    return tuple(steps)
 
 
 def differences(recorded: Any, requested: Any, path: str = "") -> list[Difference]:
@@ -70,15 +115,21 @@ def differences(recorded: Any, requested: Any, path: str = "") -> list[Differenc
     return [Difference(path or "(request)", recorded, requested)]
 
 
-def nearest(requested: Mapping[str, Any],
-            candidates: Iterable[tuple[str, str, Mapping[str, Any]]]) -> Nearest | None:
-    """The candidate (label, key, canonical request) with the fewest differing fields."""
+Candidate = tuple[str, str, Mapping[str, Any]] | tuple[str, str, Mapping[str, Any],
+                                                     Mapping[str, Any] | None]
+
+
+def nearest(requested: Mapping[str, Any], candidates: Iterable[Candidate]) -> Nearest | None:
+    """The candidate (label, key, canonical request[, the rules it was keyed under]) with the
+    fewest differing fields."""
     best: Nearest | None = None
-    for label, key, recorded in candidates:
+    for candidate in candidates:
+        label, key, recorded = candidate[:3]
+        rules = candidate[3] if len(candidate) > 3 else None
         found = tuple(differences(_view(recorded), _view(requested)))
         score = _score(found)
         if best is None or score < _score(best.differences):
-            best = Nearest(label, key, found)
+            best = Nearest(label, key, found, rules)
     return best
 
 
@@ -140,10 +191,11 @@ def _score(found: tuple[Difference, ...]) -> tuple[int, int]:
 
 
 def explain_miss(cassette: str, canonical: Mapping[str, Any], key: str,
-                 candidates: Iterable[tuple[str, str, Mapping[str, Any]]],
-                 say: OptionSpelling = COMMAND_LINE, indexing: bool = False) -> str:
+                 candidates: Iterable[Candidate], say: OptionSpelling = COMMAND_LINE,
+                 indexing: bool = False, notes: RuleNotes | None = None) -> str:
     """`candidates`: the recordings to compare with (the nearest few an index proposes, or
-    all); `indexing`: the cassette's recordings are still being listed, none was compared."""
+    all); `indexing`: the cassette's recordings are still being listed, none was compared;
+    `notes`: what today's matching rules did to this request."""
     route = f"{canonical.get('method')} {canonical.get('route')}"
     where = f" (deployment {canonical['deployment']})" if canonical.get("deployment") else ""
     head = (f"Replay miss: cassette '{cassette}' has no recording for {route}{where} "
@@ -155,16 +207,36 @@ def explain_miss(cassette: str, canonical: Mapping[str, Any], key: str,
     elif best is None:
         tail = " The cassette is empty."
     else:
-        shown = "; ".join(d.render() for d in best.differences[:8])
+        shown = "; ".join(_render(d, notes) for d in best.differences[:8])
         more = len(best.differences) - 8
         if more > 0:
             shown += f"; and {more} more"
         tail = (f" Nearest recorded request: {best.label} (key {best.key[:16]}), which differs in "
                 f"{len(best.differences)} field(s): {shown}.")
+        if notes is not None:
+            changed = compare_rules(best.rules, notes.rules)
+            if changed is not None:
+                tail += (f" It was keyed under other matching rules than today's ({changed}), "
+                         "which changes keys: use the rules it was recorded with, or record "
+                         "again.")
     advice = (f" To record it, run {say.runner} with {say('mode', 'record')} (or unset CI for "
               f"{say('mode', 'auto')}); to ignore a field that should not matter, pass "
               f"{say('ignore-field', 'NAME')}.")
     return head + tail + advice
+
+
+def _render(difference: Difference, notes: RuleNotes | None) -> str:
+    """A difference, saying where a matching rule was involved."""
+    text = difference.render()
+    if notes is None:
+        return text
+    before = notes.before_rules(difference.path)
+    if before is not _MISSING:
+        text += f" (today's value before masks and redactions: {_show(before)})"
+    ignored = notes.ignoring(difference.path)
+    if ignored is not None:
+        text += f" (left out of the key by --ignore-path {ignored})"
+    return text
 
 
 def explain_fingerprint(cassette: str, method: str, route: str, key: str,

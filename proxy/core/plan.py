@@ -52,6 +52,7 @@ class Replay:
     recording: Recording
     fingerprint: str | None  # the fingerprint policy's choice; None for sequenced keys
     position: Position | None = None
+    stale: bool = False  # older than --max-age: replayed all the same, and counted
 
 
 @dataclass(frozen=True)
@@ -97,41 +98,45 @@ Plan = Replay | Miss | Forward | Passthrough
 
 
 def plan(mode: Mode, entry: Entry | None, *, fingerprint: str, occurrence: int | None,
-         method: str) -> Plan:
+         method: str, stale_before: str | None = None) -> Plan:
     """The plan for one request. `mode` is resolved (never AUTO); `occurrence` is None unless
     the key is sequenced, else the request's 1-based place among identical requests of its
-    session."""
+    session. With `stale_before` (an ISO time: now minus --max-age), a key last recorded or
+    confirmed before it is stale: record mode records it again, replay mode still replays it."""
     if mode is Mode.PASSTHROUGH:
         return Passthrough()
     if mode is Mode.AUTO:
         raise ValueError("plan() needs a resolved mode; call resolve_mode first")
+    stale = (entry is not None and bool(entry.recordings) and stale_before is not None
+             and entry.last_confirmed() < stale_before)
     if occurrence is not None:
-        return _sequenced(mode, entry, occurrence, method)
-    if mode is Mode.REFRESH:
+        return _sequenced(mode, entry, occurrence, method, stale)
+    if mode is Mode.REFRESH or (mode is Mode.RECORD and stale):
         return Forward(Storage.ALTERNATIVE, classify_drift=entry is not None)
     if entry is None or not entry.recordings:
         return Forward(Storage.ALTERNATIVE) if mode is Mode.RECORD else Miss(NotRecorded())
     selection = fingerprints.select(entry, fingerprint)
     if selection.recording is None:
         return Miss(FingerprintNotRecorded(fingerprint, tuple(entry.fingerprints())))
-    return Replay(selection.recording, selection.fingerprint)
+    return Replay(selection.recording, selection.fingerprint, stale=stale)
 
 
-def _sequenced(mode: Mode, entry: Entry | None, occurrence: int, method: str) -> Plan:
+def _sequenced(mode: Mode, entry: Entry | None, occurrence: int, method: str,
+               stale: bool) -> Plan:
     if occurrence < 1:
         raise ValueError(f"occurrence counts from 1, got {occurrence}")
     recordings = entry.recordings if entry is not None else ()
     position = Position(occurrence, len(recordings))
-    if mode is Mode.REFRESH:
+    if mode is Mode.REFRESH or (mode is Mode.RECORD and stale):
         return Forward(Storage.RESTART_AT, position)
     if occurrence <= len(recordings):
-        return Replay(recordings[occurrence - 1], None, position)
+        return Replay(recordings[occurrence - 1], None, position, stale=stale)
     if mode is Mode.RECORD:
         return Forward(Storage.NEXT_IN_SEQUENCE, position)
     if not recordings:
         return Miss(NotRecorded())
     if method.upper() in ("GET", "HEAD"):  # a finished job stays finished
-        return Replay(recordings[-1], None, position)
+        return Replay(recordings[-1], None, position, stale=stale)
     return Miss(SequenceExhausted(method.upper(), position))
 
 

@@ -173,6 +173,11 @@ class Rules:
         return cls(tuple(parse_mask(text) for text in masks), ignored,
                    tuple(parse_redaction(text) for text in redactions))
 
+    def merged(self, more: Rules) -> Rules:
+        """These rules and `more`'s (a cassette's own rules add to the shared ones)."""
+        return Rules(self.masks + more.masks, self.ignored + more.ignored,
+                     self.redactions + more.redactions)
+
     def __bool__(self) -> bool:
         return bool(self.masks or self.ignored or self.redactions)
 
@@ -182,6 +187,10 @@ class Rules:
                      "ignore_path": [p.source for p in self.ignored],
                      "redact": [r.source for r in self.redactions]}
         return {name: values for name, values in described.items() if values}
+
+    @property
+    def redaction_patterns(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(redaction.pattern for redaction in self.redactions)
 
     def redact_text(self, text: str) -> str:
         for redaction in self.redactions:

@@ -97,19 +97,22 @@ def secret_values(headers: Mapping[str, str], settings: Settings | None = None,
     return values
 
 
-def scrub(data: bytes, secrets: Iterable[bytes] = ()) -> bytes:
-    """`data` with every credential replaced by `[REDACTED]`; bytes that hold none are kept."""
+def scrub(data: bytes, secrets: Iterable[bytes] = (),
+          patterns: Sequence[re.Pattern[str]] = ()) -> bytes:
+    """`data` with every credential replaced by `[REDACTED]`; bytes that hold none are kept.
+    `patterns` are the user's own redactions (`--redact`), removed the same way."""
     wanted = _as_text(secrets)
     strings = _json_strings(data, with_places=False)
     pieces = [_text_piece(0, 0, data)] if strings is None else [piece for piece, _ in strings]
-    return _apply([data], _edits([[piece] for piece in pieces], wanted))[0]
+    return _apply([data], _edits([[piece] for piece in pieces], wanted, patterns))[0]
 
 
-def scrub_stream(events: Sequence[bytes], secrets: Iterable[bytes] = ()) -> list[bytes]:
+def scrub_stream(events: Sequence[bytes], secrets: Iterable[bytes] = (),
+                 patterns: Sequence[re.Pattern[str]] = ()) -> list[bytes]:
     """The raw events of one stream, scrubbed as the text they add up to (see the module's
     docstring for the rule); an event that holds no part of a credential is returned as is."""
     wanted = _as_text(secrets)
-    shortest = _shortest(wanted)
+    shortest = 1 if patterns else _shortest(wanted)
     channels: dict[Hashable, list[_Piece]] = {}
     alone: list[list[_Piece]] = []
     for number, raw in enumerate(events):
@@ -128,15 +131,17 @@ def scrub_stream(events: Sequence[bytes], secrets: Iterable[bytes] = ()) -> list
                 alone.append([piece])
             else:
                 channels.setdefault((name, place), []).append(piece)
-    return _apply(list(events), _edits([*channels.values(), *alone], wanted))
+    return _apply(list(events), _edits([*channels.values(), *alone], wanted, patterns))
 
 
 def scrub_text(text: str, secrets: Iterable[bytes] = ()) -> str:
     return scrub(text.encode(), secrets).decode("utf-8", "replace")
 
 
-def credential_spans(text: str, secrets: Iterable[str] = ()) -> list[tuple[int, int]]:
-    """Where credentials sit in `text`: sorted, non-overlapping (start, end) ranges."""
+def credential_spans(text: str, secrets: Iterable[str] = (),
+                     patterns: Sequence[re.Pattern[str]] = ()) -> list[tuple[int, int]]:
+    """Where credentials (and the user's redactions) sit in `text`: sorted, non-overlapping
+    (start, end) ranges."""
     spans: list[tuple[int, int]] = []
     for secret in secrets:
         if len(secret) < _MIN_SECRET:
@@ -146,6 +151,8 @@ def credential_spans(text: str, secrets: Iterable[str] = ()) -> list[tuple[int, 
             spans.append((start, start + len(secret)))
             start = text.find(secret, start + 1)
     spans += [match.span() for match in _SHAPES.finditer(text) if _looks_random(match)]
+    for pattern in patterns:
+        spans += [match.span() for match in pattern.finditer(text) if match.end() > match.start()]
     return _merged(spans)
 
 
@@ -257,17 +264,17 @@ def _places(value: Any, stream_place: tuple[Any, ...],
             yield from _places(item, stream_place, (*path, step))
 
 
-def _edits(texts: Iterable[list[_Piece]],
-           secrets: list[str]) -> dict[int, list[tuple[int, int, bytes]]]:
+def _edits(texts: Iterable[list[_Piece]], secrets: list[str],
+           patterns: Sequence[re.Pattern[str]] = ()) -> dict[int, list[tuple[int, int, bytes]]]:
     """Per event, the byte ranges to replace and what with, for the credentials in each text
     (a list of pieces read as one)."""
     edits: dict[int, list[tuple[int, int, bytes]]] = {}
-    shortest = _shortest(secrets)
+    shortest = 1 if patterns else _shortest(secrets)
     for pieces in texts:
         whole = "".join(piece.text for piece in pieces)
         if len(whole) < shortest:
             continue
-        for start, end in credential_spans(whole, secrets):
+        for start, end in credential_spans(whole, secrets, patterns):
             replacement = REDACTED.encode()
             begins = 0
             for piece in pieces:

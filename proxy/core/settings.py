@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .canonical import KeyPolicy
 from .explain import COMMAND_LINE, OptionSpelling
 from .modes import Mode
 from .routes import SequencePolicy
+from .rules import Rules
 
 DEFAULT_PORT = 8787
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
@@ -43,6 +44,17 @@ class ReplayTiming:
         raise ValueError(f"replay timing {text!r}: use none, recorded, or a speed such as 2x")
 
 
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> float:
+    """`30d`, `12h`, `90m`, `45s`, `2w` (or a plain number of seconds) -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(f"age {text!r}: use a number with a unit, such as 30d, 12h or 90m")
+    return float(match.group(1)) * _AGE_UNITS[match.group(2) or "s"]
+
+
 @dataclass(frozen=True)
 class Settings:
     cassettes: Path = Path("cassettes")
@@ -69,8 +81,18 @@ class Settings:
     sequence: SequencePolicy = SequencePolicy.STATEFUL
     # One run (and default session) shared by every worker of one `serve`; None: a new one.
     run_id: str | None = None
+    max_age: float | None = None  # seconds: older recordings are stale (--max-age)
+    # Matching rules of particular cassettes, added to key_policy's for their requests.
+    cassette_rules: tuple[tuple[str, Rules], ...] = ()
     # How advice in a miss names an option: the flag to the CLI's user, the option to pytest's.
     option_spelling: OptionSpelling = COMMAND_LINE
+
+    def policy_for(self, cassette: str) -> KeyPolicy:
+        """How requests of `cassette` are keyed: the shared policy, plus its own rules."""
+        for name, rules in self.cassette_rules:
+            if name == cassette:
+                return replace(self.key_policy, rules=self.key_policy.rules.merged(rules))
+        return self.key_policy
 
     @property
     def store_spec(self) -> str:

@@ -9,6 +9,7 @@ import hmac
 import logging
 import math
 import os
+from datetime import UTC, datetime, timedelta
 from typing import Any, assert_never
 from urllib.parse import unquote
 
@@ -21,10 +22,10 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from ..core.canonical import IncomingRequest, canonical_request, credential_values, request_key
+from ..core.canonical import IncomingRequest, Keyed, credential_values, keyed_request
 from ..core.cassette import MAX_AT_MS, Recording
 from ..core.errors import ProxyError, ReplayMiss
-from ..core.explain import explain_exhausted, explain_fingerprint, explain_miss
+from ..core.explain import RuleNotes, explain_exhausted, explain_fingerprint, explain_miss
 from ..core.modes import Mode, resolve_mode
 from ..core.plan import (
     FingerprintNotRecorded,
@@ -267,8 +268,8 @@ async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
                if name.lower() != "content-encoding"}
     body = _inject_seed(route, body, settings.inject_seed)
     incoming = IncomingRequest(request.method, route, tuple(query.items()), headers, body)
-    canonical = canonical_request(incoming, settings.key_policy)
-    key = request_key(canonical)
+    keyed = keyed_request(incoming, settings.policy_for(cassette))
+    canonical, key = keyed.canonical, keyed.key
     base_headers = {"X-Replay-Key": key, "X-Replay-Cassette": cassette}
     mode = state.mode_for(cassette)
     policy = state.fingerprint_for(cassette, headers.get(FINGERPRINT_HEADER))
@@ -278,7 +279,9 @@ async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
     if mode in (Mode.RECORD, Mode.REPLAY):
         entry = await state.entry(cassette, key, route.label)
     occurrence = await state.store.claim_occurrence(session, cassette, key) if sequenced else None
-    decision = plan(mode, entry, fingerprint=policy, occurrence=occurrence, method=request.method)
+    stale_before = _stale_before(settings)
+    decision = plan(mode, entry, fingerprint=policy, occurrence=occurrence, method=request.method,
+                    stale_before=stale_before)
 
     match decision:
         case Replay():
@@ -287,7 +290,9 @@ async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
             tokens = usage["total_tokens"] if isinstance(usage.get("total_tokens"), int) else 0
             reply_headers = {**replay_headers(settings, decision), **base_headers,
                              "X-Replay-Status": "hit"}
-            if decision.position is None:  # an answer that never changes: answer it at once
+            if decision.stale:  # older than --max-age: replayed, and counted for the summary
+                state.count(cassette, "stale")
+            elif decision.position is None:  # an answer that never changes: answer it at once
                 state.remember_hot(hot_key, HotReply(cassette, key, recording, reply_headers,
                                                      tokens, state.counts_for(cassette)))
             _count_hit(state, cassette, key, tokens)
@@ -296,7 +301,7 @@ async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
             if occurrence is not None:
                 await state.store.release_occurrence(session, cassette, key)
             state.count(cassette, "misses")
-            error = await _miss_error(state, decision, cassette, session, canonical, key, route)
+            error = await _miss_error(state, decision, cassette, session, keyed, route)
             state.last_miss[cassette] = error.message
             return error_response(error, {**base_headers, "X-Replay-Status": "miss"})
         case Forward() | Passthrough():
@@ -304,7 +309,7 @@ async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
             exchange = Exchange(
                 cassette=cassette, key=key, route=route, method=request.method, query=query,
                 headers=headers, body=body, canonical=canonical, forward=forward, mode=mode,
-                fingerprint=policy, occurrence=occurrence,
+                fingerprint=policy, occurrence=occurrence, stale_before=stale_before,
                 secrets=tuple(secret_values(headers, settings, credential_values(query.items()))),
             )
             if forward is None:
@@ -330,16 +335,27 @@ def _joined_sequence(flight: Flight) -> bool:
             and head.replay_status in ("hit", "recorded"))
 
 
+def _stale_before(settings: Settings) -> str | None:
+    """With --max-age, the ISO time before which a recording is stale."""
+    if settings.max_age is None:
+        return None
+    cutoff = datetime.now(UTC) - timedelta(seconds=settings.max_age)
+    return cutoff.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 async def _miss_error(state: ProxyState, miss: Miss, cassette: str, session: str,
-                      canonical: dict[str, Any], key: str, route: Route) -> ReplayMiss:
+                      keyed: Keyed, route: Route) -> ReplayMiss:
+    canonical, key = keyed.canonical, keyed.key
     reason = miss.reason
     say = state.settings.option_spelling
     match reason:
         case NotRecorded():
             # The nearest few from the cassette's index, built off the event loop.
             candidates = await state.misses.candidates(cassette, canonical)
+            notes = RuleNotes(state.settings.policy_for(cassette).rules, keyed.changed,
+                              keyed.dropped)
             return ReplayMiss(explain_miss(cassette, canonical, key, candidates or [], say,
-                                           indexing=candidates is None))
+                                           indexing=candidates is None, notes=notes))
         case FingerprintNotRecorded():
             return ReplayMiss(explain_fingerprint(cassette, str(canonical.get("method")),
                                                   route.route, key, reason, say),

@@ -42,7 +42,8 @@ FIRST_BUILD_WAIT_S = 5.0  # how long a miss waits for its cassette's first index
 # Stores whose coroutines read local files without ever awaiting: listed in a thread instead.
 _BLOCKING_STORES = (DirectoryStore, DiskcacheStore)
 
-Candidate = tuple[str, str, Mapping[str, Any]]  # label, key, canonical request
+# label, key, canonical request, the matching rules it was keyed under
+Candidate = tuple[str, str, Mapping[str, Any], Mapping[str, Any] | None]
 
 
 @dataclass
@@ -187,7 +188,7 @@ class MissIndex:
             self._build(cassette)  # in the background; this miss uses the index it has
         names = await index.nearest(request)
         entries = await self._read(cassette, names)
-        return [(entry.label, entry.key, entry.request) for entry in entries]
+        return [(entry.label, entry.key, entry.request, entry.rules) for entry in entries]
 
     def add(self, cassette: str, entry: Entry) -> None:
         """A key this process recorded joins its cassette's index, if it has one."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -62,6 +64,7 @@ class Exchange:
     fingerprint: str
     occurrence: int | None
     secrets: tuple[bytes, ...]
+    stale_before: str | None = None  # --max-age, as the plan takes it
 
 
 def storable(status: int, record_errors: bool) -> bool:
@@ -116,7 +119,8 @@ async def pump(state: ProxyState, exchange: Exchange, flight: Flight) -> None:
     async with state.store.lock(exchange.cassette, exchange.key):
         stored = await state.store.get(exchange.cassette, exchange.key, exchange.route.label)
         decision = plan(exchange.mode, stored, fingerprint=exchange.fingerprint,
-                        occurrence=exchange.occurrence, method=exchange.method)
+                        occurrence=exchange.occurrence, method=exchange.method,
+                        stale_before=exchange.stale_before)
         if not isinstance(decision, Replay):
             forward = decision if isinstance(decision, Forward) else exchange.forward
             await _forward(state, exchange, flight, stored, forward)
@@ -138,6 +142,7 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
     assert state.upstream is not None
     loop = asyncio.get_running_loop()
     started = loop.time()
+    redactions = state.settings.policy_for(exchange.cassette).rules.redaction_patterns
     response = await state.upstream.send(
         exchange.method, exchange.route, exchange.query, exchange.headers, exchange.body
     )
@@ -180,7 +185,8 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
             if keep and forward is not None and forward.classify_drift:
                 # Refresh: the drift class goes out as a header, so it is decided first.
                 recording = classified(forward, existing, body_recording(
-                    response.status, response.headers, body, exchange.secrets, duration_ms))
+                    response.status, response.headers, body, exchange.secrets, duration_ms,
+                    redactions))
             flight.push(body)
             flight.start(Head(response.status, headers, False, replay_status,
                               recording.drift if recording else None))
@@ -189,7 +195,7 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
                 await asyncio.sleep(0)  # the waiting clients send their answers first
                 if recording is None:
                     recording = body_recording(response.status, response.headers, body,
-                                               exchange.secrets, duration_ms)
+                                               exchange.secrets, duration_ms, redactions)
                 await commit(state, exchange, existing, recording, forward)
             return
 
@@ -228,7 +234,7 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
             await asyncio.sleep(0)  # the waiting clients end their answers first
             recording = classified(forward, existing, stream_recording(
                 response.status, response.headers, events, exchange.secrets,
-                (loop.time() - started) * 1000))
+                (loop.time() - started) * 1000, redactions))
             await commit(state, exchange, existing, recording, forward)
 
 
@@ -268,9 +274,10 @@ def _cut_error(exchange: Exchange, exc: BaseException) -> UpstreamError:
 
 
 def body_recording(status: int, headers: Any, body: bytes, secrets: tuple[bytes, ...],
-                   duration_ms: float) -> Recording:
-    """A whole-body answer as stored: scrubbed, with its fingerprint, model and usage."""
-    scrubbed = scrub(body, secrets)
+                   duration_ms: float, redactions: Sequence[re.Pattern[str]] = ()) -> Recording:
+    """A whole-body answer as stored: scrubbed of credentials and of what the user redacts,
+    with its fingerprint, model and usage."""
+    scrubbed = scrub(body, secrets, redactions)
     fingerprint, model, usage = describe_payload(scrubbed)
     return Recording(status=status, headers=stored_headers(headers), body=scrubbed,
                      system_fingerprint=fingerprint, model=model, usage=usage,
@@ -278,8 +285,9 @@ def body_recording(status: int, headers: Any, body: bytes, secrets: tuple[bytes,
 
 
 def stream_recording(status: int, headers: Any, events: list[SseEvent],
-                     secrets: tuple[bytes, ...], duration_ms: float) -> Recording:
-    raws = scrub_stream([event.raw for event in events], secrets)  # split secrets too
+                     secrets: tuple[bytes, ...], duration_ms: float,
+                     redactions: Sequence[re.Pattern[str]] = ()) -> Recording:
+    raws = scrub_stream([event.raw for event in events], secrets, redactions)  # split ones too
     scrubbed = tuple(replace(event, raw=raw) for event, raw in zip(events, raws, strict=True))
     fingerprint, model, usage = describe_events(scrubbed)
     return Recording(status=status, headers=stored_headers(headers), events=scrubbed,
@@ -301,6 +309,8 @@ async def commit(state: ProxyState, exchange: Exchange, existing: Entry | None,
         exchange.key, exchange.route.label, _scrubbed_request(exchange),
         extra={"path": exchange.route.upstream_path})
     entry = stored_entry(forward.storage, existing, fresh, recording, forward.position)
+    rules = state.settings.policy_for(exchange.cassette).rules
+    entry = replace(entry, rules=rules.describe())
     try:
         await state.store.put(exchange.cassette, entry)
     except Exception as exc:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +32,8 @@ from .audit import probe as probe_upstream
 from .audit import verify as verify_entries
 from .configuration import (
     SHARED_OPTIONS,
+    age_option,
+    cassette_rules_from,
     default_maps,
     find_config,
     read_config,
@@ -86,7 +89,9 @@ def _settings(options: dict[str, Any]) -> Settings:
             "your API key. Pass --auth-token TOKEN (clients then use TOKEN as their API key), "
             "or bind 127.0.0.1."
         )
-    settings = settings_from(options, run_id=new_run_id())
+    config = click.get_current_context().find_root().meta.get(_CONFIG_KEY)
+    settings = settings_from(options, run_id=new_run_id(),
+                             cassette_rules=cassette_rules_from(config))
     try:
         asyncio.run(open_store(settings.store_spec).close())  # a bad --store fails here, clearly
     except ValueError as exc:
@@ -324,10 +329,25 @@ def _echo_json(value: object) -> None:
 
 @main.command("ls")
 @_store_options
-def list_keys(cassettes: Path, store: str | None, cassette: str | None, as_json: bool) -> None:
+@click.option("--stale", is_flag=True,
+              help="Only keys last recorded or confirmed longer ago than --max-age.")
+@click.option("--max-age", default=None, callback=age_option, metavar="AGE",
+              help="How old a stale recording is (30d, 12h, ...); also read from the "
+                   "configuration file.")
+def list_keys(cassettes: Path, store: str | None, cassette: str | None, as_json: bool,
+              stale: bool, max_age: float | None) -> None:
     """One row per recorded key."""
+    if stale and max_age is None:
+        raise click.UsageError("--stale needs an age: pass --max-age 30d (or set max-age in "
+                               "the configuration file).")
     used = last_used(read_usage(state_dir(cassettes)))
-    rows = [ls_row(item, used) for item in _items(cassettes, store, cassette)]
+    items = _items(cassettes, store, cassette)
+    if stale and max_age is not None:
+        cutoff = (datetime.now(UTC) - timedelta(seconds=max_age)).isoformat(
+            timespec="milliseconds").replace("+00:00", "Z")
+        items = [item for item in items
+                 if item.entry is not None and item.entry.last_confirmed() < cutoff]
+    rows = [ls_row(item, used) for item in items]
     if as_json:
         _echo_json(rows)
         return
@@ -338,8 +358,8 @@ def list_keys(cassettes: Path, store: str | None, cassette: str | None, as_json:
         if "stream" in row:
             row["stream"] = "yes" if row["stream"] else "no"
     click.echo(table(rows, ["cassette", "key", "provider", "route", "model", "stream", "seed",
-                            "temperature", "fingerprints", "recordings", "sequence", "last_used",
-                            "size", "error"]))
+                            "temperature", "fingerprints", "recordings", "sequence", "confirmed",
+                            "last_used", "size", "error"]))
 
 
 @main.command()

@@ -32,6 +32,7 @@ from ..core.errors import ProxyError
 from ..core.modes import Mode
 from ..core.providers import validate_cassette_name
 from ..core.routes import SequencePolicy
+from ..core.rules import RuleError, Rules
 from ..core.settings import (
     DEFAULT_CACHE_MB,
     DEFAULT_HEADER_TIMEOUT,
@@ -43,6 +44,7 @@ from ..core.settings import (
     OPENAI_UPSTREAM,
     ReplayTiming,
     Settings,
+    parse_age,
 )
 
 ENV_PREFIX = "REPLAY_PROXY_"
@@ -57,10 +59,11 @@ DUMMY_API_KEY = "sk-replay-proxy-dummy"
 # How the proxy process runs, not how it answers: not part of Settings.
 PROCESS_OPTIONS = frozenset({"host", "port", "workers", "loop_choice", "log_level", "log_format"})
 # The options that build Settings.key_policy.
-KEY_POLICY_OPTIONS = ("ignore_field", "match_field", "match_header")
+KEY_POLICY_OPTIONS = ("ignore_field", "match_field", "match_header", "mask", "ignore_path",
+                      "redact")
 # Options the other commands (ls, verify, ...) share with serve, so one file configures them too.
 SHARED_OPTIONS = frozenset({"cassettes", "store", "openai_upstream", "azure_upstream",
-                            "openai_api_key", "azure_api_key"})
+                            "openai_api_key", "azure_api_key", "max_age"})
 # Credentials come from the environment only: a configuration file is committed.
 SECRET_OPTIONS = frozenset({"openai_api_key", "azure_api_key", "auth_token"})
 
@@ -84,6 +87,16 @@ def _cassette_name(_ctx: click.Context, _param: click.Parameter, value: str) -> 
         return validate_cassette_name(value)
     except ProxyError as exc:
         raise click.BadParameter(exc.message) from exc
+
+
+def age_option(_ctx: click.Context, _param: click.Parameter, value: str | float | None
+         ) -> float | None:
+    if value is None or isinstance(value, float):
+        return value
+    try:
+        return parse_age(str(value))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
 
 
 def _timing(_ctx: click.Context, _param: click.Parameter, value: str | ReplayTiming
@@ -125,6 +138,19 @@ _SERVE_OPTIONS: tuple[Callable[[Any], Any], ...] = (
                  help="Body field put back into the key, e.g. user (repeatable)."),
     click.option("--match-header", multiple=True,
                  help="Request header made part of the key (repeatable)."),
+    click.option("--mask", multiple=True, metavar="[PATH:]NAME_OR_REGEX[=PLACEHOLDER]",
+                 help="Replace what changes every run inside the body's strings before keying: "
+                      "iso-date, iso-datetime, uuid, unix-ts, hex-id, tmp-path, or a regex "
+                      "(repeatable; 'messages[*].content:iso-date' limits it to a path)."),
+    click.option("--ignore-path", multiple=True, metavar="PATH",
+                 help="Nested body field left out of the key, e.g. metadata.trace_id or "
+                      "messages[*].name (repeatable)."),
+    click.option("--redact", multiple=True, metavar="NAME_OR_REGEX",
+                 help="Replace matches with [REDACTED] in the key, the stored request and the "
+                      "stored answers: email, phone, or a regex (repeatable)."),
+    click.option("--max-age", default=None, callback=age_option, metavar="AGE",
+                 help="Recordings older than this (30d, 12h, ...) are stale: record mode records "
+                      "them again, replay mode still replays them and counts them."),
     click.option("--max-body", default=DEFAULT_MAX_BODY, show_default=True, type=int,
                  help="Largest request body accepted, in bytes (larger: 413)."),
     click.option("--fingerprint", default="pinned", show_default=True,
@@ -256,8 +282,12 @@ def settings_from(params: Mapping[str, Any], **fixed: Any) -> Settings:
     names = {f.name for f in fields(Settings)}
     values = {name: value for name, value in params.items() if name in names}
     try:
-        ignore, match, headers = (tuple(params.get(name) or ()) for name in KEY_POLICY_OPTIONS)
-        policy = KeyPolicy.build(ignore, match, headers)
+        ignore, match, headers, masks, paths, redactions = (
+            tuple(params.get(name) or ()) for name in KEY_POLICY_OPTIONS)
+        rules = Rules.parse(masks, paths, redactions)
+        policy = KeyPolicy.build(ignore, match, headers, rules, params.get("normalise"))
+    except RuleError as exc:
+        raise click.BadParameter(str(exc)) from exc
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--ignore-field") from exc
     return Settings(**{**values, "key_policy": policy, **fixed})
@@ -379,6 +409,48 @@ def _store_relative_to(base: Path, spec: str) -> str:
     return _relative_to(base, spec)
 
 
+CASSETTE_RULES = "cassette-rules"
+_RULE_KEYS = {"mask": "masks", "ignore-path": "ignore_paths", "redact": "redactions"}
+
+
+def cassette_rules_from(config: ConfigFile | None) -> tuple[tuple[str, Rules], ...]:
+    """`[tool.replay-proxy.cassette-rules."NAME"]` tables: matching rules (mask, ignore-path,
+    redact) that apply to one cassette's requests, on top of the shared ones."""
+    if config is None:
+        return ()
+    tables = next((value for key, value in config.values.items()
+                   if normalise_key(str(key)) == CASSETTE_RULES), None)
+    if tables is None:
+        return ()
+    where = f"{config.where}: {CASSETTE_RULES}"
+    if not isinstance(tables, dict):
+        raise ConfigError(f'{where} is a table of cassettes: [tool.replay-proxy.cassette-rules.'
+                          f'"suite/name"] with mask, ignore-path or redact lists.')
+    found = []
+    for cassette, table in tables.items():
+        try:
+            validate_cassette_name(str(cassette))
+        except ProxyError as exc:
+            raise ConfigError(f"{where}: {exc.message}") from exc
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}.{cassette!r} is a table of mask, ignore-path and redact.")
+        lists: dict[str, list[str]] = {}
+        for key, value in table.items():
+            name = _RULE_KEYS.get(normalise_key(str(key)))
+            if name is None:
+                raise ConfigError(f"{where}.{cassette!r}: unknown key {key!r}; a cassette's "
+                                  "rules are mask, ignore-path and redact.")
+            values = [value] if isinstance(value, str) else value
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                raise ConfigError(f"{where}.{cassette!r}: {key!r} takes a list of strings.")
+            lists[name] = values
+        try:
+            found.append((str(cassette), Rules.parse(**lists)))
+        except RuleError as exc:
+            raise ConfigError(f"{where}.{cassette!r}: {exc}") from exc
+    return tuple(found)
+
+
 def default_maps(config: ConfigFile | None,
                  commands: Mapping[str, Iterable[click.Parameter]]) -> dict[str, Any]:
     """click's default_map for a group: each command gets the file's values it takes. `serve` and
@@ -388,7 +460,9 @@ def default_maps(config: ConfigFile | None,
         return {}
     full = {name: list(params) for name, params in commands.items() if name in ("serve", "run")}
     known = [param for params in full.values() for param in params]
-    checked = checked_defaults(known, config.values, config.where, config.path.parent)
+    options = {key: value for key, value in config.values.items()
+               if normalise_key(str(key)) != CASSETTE_RULES}
+    checked = checked_defaults(known, options, config.where, config.path.parent)
     maps: dict[str, Any] = {}
     for name, params in commands.items():
         taken = {param.name for param in params}

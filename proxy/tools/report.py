@@ -34,6 +34,7 @@ def ls_row(item: StoredItem, last_used: Mapping[tuple[str, str], str]) -> dict[s
         "fingerprints": entry.fingerprints(),
         "pinned": entry.pinned_fingerprint,
         "recordings": len(entry.recordings),
+        "confirmed": entry.last_confirmed() or None,  # last recorded, or verified the same
         "sequence": [_sequence_step(recording) for recording in entry.recordings]
         if entry.sequence else None,
     }

@@ -174,6 +174,10 @@ def summary_text(head: str, totals: Mapping[str, Any], misses: Misses,
                              "misses_named": [asdict(found) for found in misses.found]}).decode()
     lines = [f"{head}: " + ", ".join(_plural(counts[name], one, many)
                                      for name, one, many in _COUNTERS)]
+    stale = int(totals.get("stale", 0))
+    if stale:
+        lines[0] += (f"; {_plural(stale, 'stale recording', 'stale recordings')} replayed "
+                     "(older than --max-age: `replay-proxy ls --stale` lists them)")
     for found in misses.found[:_SHOWN_MISSES]:
         lines.append(f"  miss: {found.method} {found.path} (cassette {found.cassette}, "
                      f"key {found.key})")

@@ -197,3 +197,26 @@ def test_what_the_command_sees(project: Path) -> None:
                                  cwd=project, env=clean_environment(OPENAI_API_KEY="sk-mine"))
     assert recording.stdout.split()[2] == "sk-mine"
     assert recording.stdout.split()[0] != base_url
+
+
+def test_run_counts_stale_recordings(python_client: Path, project: Path,
+                                     simulator: SimulatorThread) -> None:
+    import orjson
+
+    recorded = replay_proxy_run(
+        "--mode", "record", "--openai-upstream", simulator.url, "--azure-upstream",
+        simulator.url, "--", sys.executable, str(python_client), "Stale?", cwd=project,
+        env=clean_environment(OPENAI_API_KEY=RECORD_KEY, AZURE_OPENAI_API_KEY=AZURE_KEY))
+    assert recorded.returncode == 0, recorded.stderr
+    for path in (project / "cassettes" / "default").glob("*.json"):
+        document = orjson.loads(path.read_bytes())
+        for recording in document["recordings"]:
+            recording["recorded_at"] = "2024-06-01T00:00:00.000Z"
+        path.write_bytes(orjson.dumps(document))
+    simulator.stop()
+    replayed = replay_proxy_run("--mode", "replay", "--max-age", "90d", "--", sys.executable,
+                                str(python_client), "Stale?", cwd=project,
+                                env=clean_environment())
+    assert replayed.returncode == 0, replayed.stderr
+    assert "3 hits, 0 misses" in replayed.stderr
+    assert "3 stale recordings replayed (older than --max-age" in replayed.stderr
