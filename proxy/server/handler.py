@@ -216,6 +216,7 @@ async def _handle(state: ProxyState, request: web.BaseRequest) -> web.StreamResp
         hot = state.hot.get(hot_key)
         if hot is not None:  # the fast path: a byte-identical request resolved before
             hot.counts["hits"] += 1  # (its key is already in the usage log)
+            hot.counts["hot_hits"] += 1  # answered without parsing or keying
             if hot.tokens:
                 hot.counts["tokens_replayed"] += hot.tokens
             recording = hot.recording

@@ -323,3 +323,19 @@ def test_an_unknown_event_loop_is_a_usage_error() -> None:
     result = CliRunner().invoke(main, ["serve", "--loop", "trio"])
     assert result.exit_code == 2
     assert "--loop" in result.output
+
+
+def test_a_repeated_request_is_answered_from_memory_without_keying(
+        make_proxy: ProxyFactory) -> None:
+    """The hot path: the same bytes again are a hit resolved before, counted as such."""
+    import httpx2
+
+    body = {"model": "gpt-4o-mini", "seed": 5, "messages": [{"role": "user", "content": "Hot?"}]}
+    with make_proxy(Mode.RECORD) as proxy:
+        answers = [httpx2.post(proxy.url + "/v1/chat/completions", json=body,
+                               headers={"Authorization": "Bearer sk-x"}) for _ in range(3)]
+        stats = httpx2.get(proxy.url + "/_replay/stats").json()["totals"]
+    assert [a.headers["x-replay-status"] for a in answers] == ["recorded", "hit", "hit"]
+    assert answers[1].content == answers[2].content == answers[0].content
+    # The second request was keyed and found in the store; the third came from the hot cache.
+    assert stats["hits"] == 2 and stats["hot_hits"] == 1
