@@ -11,15 +11,13 @@ import os
 import secrets
 import time
 from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from ..core.cassette import Entry, encode_entry, is_key, is_label
 from ..core.errors import CassetteError, ProxyError
 from ..core.providers import validate_cassette_name
 from .base import StoredItem, checked_entry, stored_item, writable_name
-from .locking import StripedLocks
-from .sequences import LocalSequences
+from .local import LocalCoordination
 from .state_dir import STATE_DIR
 
 SLOW_WRITE_S = 0.005
@@ -36,14 +34,13 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-class DirectoryStore:
+class DirectoryStore(LocalCoordination):
     def __init__(self, root: Path) -> None:
         self.root = root
         self.description = f"directory {root}"
         self._folders: set[Path] = set()  # folders made and checked to lie inside the root
         self._real_root: Path | None = None
-        self._sequences = LocalSequences(root / STATE_DIR / "sequences")
-        self._locks = StripedLocks(root / STATE_DIR / "locks")
+        super().__init__(locks=root / STATE_DIR / "locks", sequences=root / STATE_DIR / "sequences")
         self._write_cost = 0.0  # seconds: a moving average of the writes made on the loop
 
     def path_for(self, cassette: str, key: str, label: str) -> Path:
@@ -155,18 +152,5 @@ class DirectoryStore:
             found.append(stored_item(cassette, label, key, raw, str(path)))
         return found
 
-    def lock(self, cassette: str, key: str) -> AbstractAsyncContextManager[None]:
-        return self._locks.hold(cassette, key)
-
-    async def claim_occurrence(self, session: str, cassette: str, key: str) -> int:
-        return await self._sequences.claim(session, cassette, key)
-
-    async def release_occurrence(self, session: str, cassette: str, key: str) -> None:
-        await self._sequences.release(session, cassette, key)
-
-    async def reset_session(self, session: str) -> None:
-        await self._sequences.reset(session)
-
     async def close(self) -> None:
-        self._sequences.close()
-        self._locks.close()
+        self.close_coordination()

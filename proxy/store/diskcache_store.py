@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import diskcache
@@ -13,8 +12,7 @@ from ..core.errors import CassetteError, ProxyError
 from ..core.providers import validate_cassette_name
 from .base import UNATTRIBUTED, StoredItem, checked_entry, stored_item, writable_name
 from .diskcache_disk import NoPickleDisk, RefusedKey
-from .locking import StripedLocks
-from .sequences import LocalSequences
+from .local import LocalCoordination
 
 _SEPARATOR = "\x1f"
 
@@ -27,13 +25,12 @@ def _valid_cassette(name: str) -> bool:
     return True
 
 
-class DiskcacheStore:
+class DiskcacheStore(LocalCoordination):
     def __init__(self, path: Path) -> None:
         self.path = path
         self.description = f"diskcache:{path}"
         self._cache = diskcache.Cache(str(path), disk=NoPickleDisk)
-        self._sequences = LocalSequences(path / "sequences")
-        self._locks = StripedLocks(path / "locks")
+        super().__init__(locks=path / "locks", sequences=path / "sequences")
 
     def _name(self, cassette: str, key: str) -> str:
         return f"{cassette}{_SEPARATOR}{key}"
@@ -101,19 +98,6 @@ class DiskcacheStore:
                 found.append(stored_item(cassette, "", key, raw, source))
         return found
 
-    def lock(self, cassette: str, key: str) -> AbstractAsyncContextManager[None]:
-        return self._locks.hold(cassette, key)
-
-    async def claim_occurrence(self, session: str, cassette: str, key: str) -> int:
-        return await self._sequences.claim(session, cassette, key)
-
-    async def release_occurrence(self, session: str, cassette: str, key: str) -> None:
-        await self._sequences.release(session, cassette, key)
-
-    async def reset_session(self, session: str) -> None:
-        await self._sequences.reset(session)
-
     async def close(self) -> None:
-        self._sequences.close()
-        self._locks.close()
+        self.close_coordination()
         self._cache.close()
