@@ -72,46 +72,6 @@ def test_what_one_proxy_records_the_other_replays(
                     recorded[name][1]
 
 
-def test_a_session_spread_over_two_proxies_replays_its_sequence_in_order(
-        redis_cluster_url: str, simulator: SimulatorThread, tmp_path: Path) -> None:
-    simulator.state.poll_steps = 2
-    common = ("--store", redis_cluster_url, "--cassettes", str(tmp_path))
-
-    def poll_alternating(urls: tuple[str, str], session: str) -> list[tuple[str, str]]:
-        clients = [OpenAI(base_url=url + "/c/jobs/v1", api_key="sk-x", max_retries=0,
-                          default_headers={"X-Replay-Session": session}) for url in urls]
-        try:
-            response = clients[0].responses.create(model="gpt-4o-mini", input="Tides?",
-                                                   background=True)
-            seen = [(response.id, str(response.status))]
-            turn = 1
-            while response.status in ("queued", "in_progress"):
-                response = clients[turn % 2].responses.retrieve(response.id)
-                seen.append((response.id, str(response.status)))
-                turn += 1
-            return seen
-        finally:
-            for client in clients:
-                client.close()
-
-    with run_proxy_process("--mode", "record", "--openai-upstream", simulator.url,
-                           *common) as (first, _), \
-            run_proxy_process("--mode", "record", "--openai-upstream", simulator.url,
-                              *common) as (second, _):
-        recorded = poll_alternating((first, second), "recording")
-        assert poll_alternating((second, first), "again") == recorded
-        # A reset session starts its sequence again from the first answer.
-        httpx2.post(first + "/_replay/reset?session=again").raise_for_status()
-        assert poll_alternating((second, first), "again") == recorded
-    assert [status for _, status in recorded] == ["queued", "in_progress", "in_progress",
-                                                  "completed"]
-    assert simulator.state.calls == len(recorded)
-    simulator.stop()
-    with run_proxy_process("--mode", "replay", *common) as (first, _), \
-            run_proxy_process("--mode", "replay", *common) as (second, _):
-        assert poll_alternating((first, second), "ci-run") == recorded
-
-
 def test_export_and_import_between_the_cluster_and_cassettes(
         redis_cluster_url: str, simulator: SimulatorThread, tmp_path: Path) -> None:
     with run_proxy_process("--mode", "record", "--cassettes", str(tmp_path / "dir"),

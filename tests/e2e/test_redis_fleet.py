@@ -7,6 +7,7 @@ import asyncio
 
 import httpx2
 import orjson
+import pytest
 from click.testing import CliRunner
 from openai import OpenAI
 from replay_proxy.tools.cli import main
@@ -73,11 +74,14 @@ def test_export_import_between_directory_diskcache_and_redis(
         assert (root / "back" / "suite" / path.name).read_bytes() == path.read_bytes()
 
 
+@pytest.mark.parametrize("store", ["redis_url", "redis_cluster_url"])
 def test_a_session_spread_over_two_proxies_replays_its_sequence_in_order(
-        redis_url: str, simulator: SimulatorThread, tmp_path: object) -> None:
-    """The n-th poll is counted in Redis, so it does not matter which proxy answers it."""
+        store: str, request: pytest.FixtureRequest, simulator: SimulatorThread,
+        tmp_path: object) -> None:
+    """The n-th poll is counted in Redis (one server or a cluster), so it does not matter
+    which proxy answers it."""
     simulator.state.poll_steps = 2
-    common = ("--store", redis_url, "--cassettes", str(tmp_path))
+    common = ("--store", request.getfixturevalue(store), "--cassettes", str(tmp_path))
 
     def poll_alternating(urls: tuple[str, str], session: str) -> list[tuple[str, str]]:
         clients = [OpenAI(base_url=url + "/c/jobs/v1", api_key="sk-x", max_retries=0,
@@ -101,7 +105,10 @@ def test_a_session_spread_over_two_proxies_replays_its_sequence_in_order(
             run_proxy_process("--mode", "record", "--openai-upstream", simulator.url,
                               *common) as (second, _):
         recorded = poll_alternating((first, second), "recording")
-        # Another session records nothing new: it replays the sequence from its start.
+        # Another session records nothing new: it replays the sequence from its start ...
+        assert poll_alternating((second, first), "again") == recorded
+        # ... and so does a session started again.
+        httpx2.post(first + "/_replay/reset?session=again").raise_for_status()
         assert poll_alternating((second, first), "again") == recorded
     assert [status for _, status in recorded] == ["queued", "in_progress", "in_progress",
                                                   "completed"]
