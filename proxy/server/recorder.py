@@ -32,7 +32,13 @@ from ..core.plan import Forward, Replay, plan, stored_entry
 from ..core.providers import Route
 from ..core.scrub import scrub, scrub_stream, scrub_text
 from ..core.settings import Settings
-from ..core.sse import EventSplitter, is_done
+from .capture import (
+    AnswerTooLarge,
+    StreamCapture,
+    is_event_stream,
+    read_body,
+    stream_complete,
+)
 from .flights import Flight, FlightCut, Head
 from .state import ProxyState
 
@@ -151,35 +157,28 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
     async with response:
         keep = forward is not None and storable(response.status, state.settings.record_errors)
         replay_status = "recorded" if keep else "passthrough"
-        content_type = response.headers.get("content-type", "")
         headers = live_headers(response.headers)
         if keep and forward is not None and forward.position is not None:
             # This answer joins the sequence as its next recording.
             headers["X-Replay-Sequence"] = (f"{forward.position.occurrence}/"
                                             f"{forward.position.recorded + 1}")
-        if not content_type.startswith("text/event-stream"):
-            parts: list[bytes] = []
-            size = 0
+        if not is_event_stream(response.headers):
             try:
-                async for chunk in response.content.iter_any():
-                    size += len(chunk)
-                    if size > max_answer:
-                        # Too large to keep: stream it through, storing and holding nothing.
-                        if keep:
-                            _too_large(state, exchange, size, max_answer)
-                        flight.kept = False
-                        flight.unshare()
-                        flight.start(Head(response.status, headers, True, "passthrough"))
-                        for part in (*parts, chunk):
-                            flight.push(part)
-                        parts = []
-                        await _pass_through(flight, response)
-                        return
-                    parts.append(chunk)
+                body = await read_body(response, max_answer)
+            except AnswerTooLarge as large:
+                # Too large to keep: stream it through, storing and holding nothing.
+                if keep:
+                    _too_large(state, exchange, large.size, max_answer)
+                flight.kept = False
+                flight.unshare()
+                flight.start(Head(response.status, headers, True, "passthrough"))
+                for part in large.parts:
+                    flight.push(part)
+                large.parts.clear()
+                await _pass_through(flight, response)
+                return
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise _cut_error(exchange, exc) from exc
-            body = b"".join(parts)
-            del parts
             duration_ms = (loop.time() - started) * 1000
             recording = None
             if keep and forward is not None and forward.classify_drift:
@@ -200,9 +199,7 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
             return
 
         flight.start(Head(response.status, headers, True, replay_status))
-        splitter = EventSplitter()
-        events: list[SseEvent] = []
-        saw_done = False
+        capture = StreamCapture(started)
         size = 0
         try:
             async for chunk in response.content.iter_any():
@@ -214,27 +211,22 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
                     keep = False
                     flight.kept = False
                     flight.unshare()
-                    events.clear()
+                    capture.events.clear()
                     await _pass_through(flight, response)
                     return
-                at_ms = (loop.time() - started) * 1000
-                for raw in splitter.feed(chunk):
-                    events.append(SseEvent(at_ms, raw))
-                    saw_done = saw_done or is_done(raw)
-                flight.settled = saw_done
+                capture.feed(chunk)
+                flight.settled = capture.done
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise FlightCut(f"upstream stream cut: {exc.__class__.__name__}") from exc
-        if not saw_done and not response.content.is_eof():
+        if not stream_complete(capture, response):
             raise FlightCut("upstream stream ended early")
-        remainder = splitter.remainder()
-        if remainder:
-            events.append(SseEvent((loop.time() - started) * 1000, remainder))
+        events = capture.finish()
         flight.finish()
         if keep and forward is not None:
             await asyncio.sleep(0)  # the waiting clients end their answers first
             recording = classified(forward, existing, stream_recording(
                 response.status, response.headers, events, exchange.secrets,
-                (loop.time() - started) * 1000, redactions))
+                capture.elapsed_ms(), redactions))
             await commit(state, exchange, existing, recording, forward)
 
 

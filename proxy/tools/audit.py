@@ -1,5 +1,10 @@
 """Talk to a real (or simulated) upstream outside the proxy: `verify` re-sends every recorded
-request and classifies the answer; `probe` runs the cookbook's seed experiment."""
+request and classifies the answer; `probe` runs the cookbook's seed experiment.
+
+Both reach the upstream as the proxy does: the same URL building and credential headers
+(`server.upstream`), the same capture of a body or a stream (`server.capture`), and, for what
+`verify --update` stores, the same scrubbed recording (`server.recorder`).
+"""
 
 from __future__ import annotations
 
@@ -11,23 +16,23 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from ..core import fingerprints
-from ..core.cassette import Drift, Entry, Recording, SseEvent
+from ..core.cassette import Drift, Entry, Recording
+from ..core.errors import ProxyError
+from ..core.providers import Provider, Route, parse_route
 from ..core.routes import RouteClass, route_class
-from ..core.sse import EventSplitter
+from ..core.scrub import secret_values
+from ..core.settings import Settings
+from ..server.capture import Answer, AnswerTooLarge, read_answer
 from ..server.recorder import body_recording, stream_recording
+from ..server.upstream import Upstream, client_timeout
 
 # How cassettes recorded before `body_kind` existed spelled a multipart or binary body.
 _HASHED_BEFORE_BODY_KIND = ({"multipart"}, {"sha256", "size", "content_type"})
 
-
-@dataclass(frozen=True)
-class Upstreams:
-    openai: str | None
-    azure: str | None
-    openai_key: str | None = None
-    azure_key: str | None = None
+SAME, SKIPPED, ERROR = "same", "skipped", "error"
 
 
 @dataclass(frozen=True)
@@ -37,40 +42,47 @@ class Verdict:
     route: str
     result: str  # same, drift:fingerprint, drift:output, skipped, error
     detail: str = ""
-    recording: Recording | None = None
+    recording: Recording | None = None  # the fresh answer, scrubbed, when it was compared
 
 
-def rebuild(entry: Entry, upstreams: Upstreams) -> tuple[str, str, dict[str, str], bytes] | str:
-    """(method, url, headers, body) to re-send a recorded request, or why it cannot be."""
+@dataclass(frozen=True)
+class Resend:
+    """A recorded request, ready for `Upstream.send`."""
+
+    method: str
+    route: Route
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+
+
+def resend(entry: Entry) -> Resend | str:
+    """How to send a recorded request again, or why it cannot be."""
     request = entry.request
     body = request.get("body")
     if request.get("body_kind") is not None or (
             isinstance(body, dict) and set(body) in _HASHED_BEFORE_BODY_KIND):
         return "the request body is stored by hash only (multipart or binary)"
-    provider = request.get("provider")
-    base = upstreams.openai if provider == "openai" else upstreams.azure
-    if not base:
-        return f"no --{provider}-upstream given"
-    path = str(entry.extra.get("path") or _default_path(request))
-    query = dict(request.get("query") or [])
+    query = {str(name): str(value) for name, value in request.get("query") or []}
     if request.get("api_version"):
-        query["api-version"] = request["api_version"]
-    url = base.rstrip("/") + path
-    if query:
-        url += "?" + "&".join(f"{k}={v}" for k, v in sorted(query.items()))
-    headers = dict(request.get("headers") or {})
-    key = upstreams.openai_key if provider == "openai" else upstreams.azure_key
-    if key:
-        headers["authorization" if provider == "openai" else "api-key"] = \
-            f"Bearer {key}" if provider == "openai" else key
+        query["api-version"] = str(request["api_version"])
+    path = str(entry.extra.get("path") or _default_path(request))
+    try:
+        route = parse_route(path, query)
+    except ProxyError as exc:
+        return exc.message
+    if route is None:
+        return f"the recorded path {path!r} is not an OpenAI or Azure OpenAI API path"
+    headers = {str(name): str(value) for name, value in (request.get("headers") or {}).items()}
     payload = b""
     if body is not None:
         headers["content-type"] = "application/json"
         payload = orjson.dumps(body)
-    return str(request.get("method", "POST")), url, headers, payload
+    return Resend(str(request.get("method", "POST")), route, query, headers, payload)
 
 
 def _default_path(request: dict[str, Any]) -> str:
+    """The path of a recording made before entries kept theirs in `extra`."""
     if request.get("provider") == "openai":
         return f"/v1/{request.get('route')}"
     if request.get("deployment"):
@@ -78,60 +90,76 @@ def _default_path(request: dict[str, Any]) -> str:
     return f"/openai/{request.get('route')}"
 
 
-async def fetch(session: aiohttp.ClientSession, method: str, url: str, headers: dict[str, str],
-                body: bytes) -> Recording:
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    async with session.request(method, url, headers=headers, data=body or None) as response:
-        if not response.headers.get("content-type", "").startswith("text/event-stream"):
-            payload = await response.read()
-            return body_recording(response.status, response.headers, payload, (),
-                                  (loop.time() - started) * 1000)
-        splitter = EventSplitter()
-        events: list[SseEvent] = []
-        async for chunk in response.content.iter_any():
-            at_ms = (loop.time() - started) * 1000
-            events += [SseEvent(at_ms, raw) for raw in splitter.feed(chunk)]
-        if splitter.remainder():
-            events.append(SseEvent((loop.time() - started) * 1000, splitter.remainder()))
-        return stream_recording(response.status, response.headers, events, (),
-                                (loop.time() - started) * 1000)
+def _session(settings: Settings) -> aiohttp.ClientSession:
+    # As the proxy's: no cookie passes from one answer to the next request.
+    return aiohttp.ClientSession(timeout=client_timeout(settings),
+                                 cookie_jar=aiohttp.DummyCookieJar())
 
 
-async def verify(items: Sequence[tuple[str, Entry]], upstreams: Upstreams,
+def recording_of(answer: Answer, secrets: Sequence[bytes]) -> Recording:
+    """The answer as the proxy would store it: scrubbed, with its fingerprint, model, usage."""
+    if answer.events is None:
+        return body_recording(answer.status, answer.headers, answer.body, tuple(secrets),
+                              answer.duration_ms)
+    return stream_recording(answer.status, answer.headers, answer.events, tuple(secrets),
+                            answer.duration_ms)
+
+
+async def verify(items: Sequence[tuple[str, Entry]], settings: Settings,
                  concurrency: int = 4, done: Callable[[], object] = lambda: None
                  ) -> list[Verdict]:
-    """Re-send each entry's request; `done` is called as each key is settled (progress)."""
+    """Re-send each entry's request to the upstreams and with the keys of `settings`; `done` is
+    called as each key is settled (progress)."""
     limit = asyncio.Semaphore(concurrency)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    loop = asyncio.get_running_loop()
+    async with _session(settings) as session:
+        upstream = Upstream(settings, session)
+
         async def one(cassette: str, entry: Entry) -> Verdict:
-            route = str(entry.request.get("route"))
-            if entry.sequence or route_class(str(entry.request.get("method")), route,
+            route_name = str(entry.request.get("route"))
+
+            def verdict(result: str, detail: str = "",
+                        recording: Recording | None = None) -> Verdict:
+                return Verdict(cassette, entry.key, route_name, result, detail, recording)
+
+            if entry.sequence or route_class(str(entry.request.get("method")), route_name,
                                              entry.request.get("body")) is RouteClass.STATEFUL:
-                return Verdict(cassette, entry.key, route, "skipped",
-                               "a stateful key: re-sending it would create or change a resource "
-                               "upstream")
-            request = rebuild(entry, upstreams)
+                return verdict(SKIPPED, "a stateful key: re-sending it would create or change a "
+                                        "resource upstream")
+            request = resend(entry)
             if isinstance(request, str):
-                return Verdict(cassette, entry.key, route, "skipped", request)
+                return verdict(SKIPPED, request)
+            provider = request.route.provider
+            if provider == "azure" and not settings.azure_upstream:
+                return verdict(SKIPPED, "no --azure-upstream given")
             async with limit:
+                started = loop.time()
                 try:
-                    fresh = await fetch(session, *request)
+                    response = await upstream.send(request.method, request.route, request.query,
+                                                   request.headers, request.body)
+                    async with response:
+                        answer = await read_answer(response, started, settings.max_answer)
+                except ProxyError as exc:
+                    return verdict(ERROR, exc.message)
+                except AnswerTooLarge:
+                    return verdict(ERROR, f"the answer is over {settings.max_answer} bytes, "
+                                          "more than the proxy would store")
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    return Verdict(cassette, entry.key, route, "error", str(exc) or repr(exc))
+                    return verdict(ERROR, "the upstream broke off its answer mid-body "
+                                          f"({exc.__class__.__name__}): try again")
+            fresh = recording_of(answer, ())
             before = fingerprints.baseline(entry, fresh.system_fingerprint)
             result = fingerprints.classify(before, fresh)
             detail = ""
             if result is not Drift.SAME and before is not None:
                 detail = fingerprints.word_diff(fingerprints.answer_text(before),
                                                 fingerprints.answer_text(fresh))
-            return Verdict(cassette, entry.key, route, result.value, detail, fresh)
+            return verdict(result.value, detail, fresh)
 
         async def counted(cassette: str, entry: Entry) -> Verdict:
-            verdict = await one(cassette, entry)
+            settled = await one(cassette, entry)
             done()
-            return verdict
+            return settled
 
         return list(await asyncio.gather(*(counted(c, e) for c, e in items)))
 
@@ -150,6 +178,25 @@ class ProbeResult:
                 "outputs": self.outputs}
 
 
+def probe_target(base_url: str, api_key: str) -> tuple[Settings, Route, dict[str, str]]:
+    """Where `probe` sends its chat request: `base_url` + `/chat/completions`, as the SDK
+    builds it from its base URL; an Azure base (`.../openai/deployments/NAME?api-version=...`)
+    gets the key as `api-key`, any other as a bearer token."""
+    base = URL(base_url)
+    query = {name: value for name, value in base.query.items()}
+    try:
+        found = parse_route(base.path.rstrip("/") + "/chat/completions", query)
+    except ProxyError as exc:
+        raise RuntimeError(exc.message) from exc
+    provider: Provider = found.provider if found is not None else "openai"
+    route = Route(provider, "chat/completions", "/chat/completions",
+                  api_version=query.get("api-version"))
+    target = str(base.with_query(None))
+    settings = (Settings(azure_upstream=target, azure_api_key=api_key) if provider == "azure"
+                else Settings(openai_upstream=target, openai_api_key=api_key))
+    return settings, route, query
+
+
 async def probe(base_url: str, api_key: str, model: str, prompt: str, n: int,
                 seed: int | None, temperature: float | None,
                 max_tokens: int | None = None, done: Callable[[], object] = lambda: None
@@ -162,15 +209,26 @@ async def probe(base_url: str, api_key: str, model: str, prompt: str, n: int,
         body["temperature"] = temperature
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
-    url = base_url.rstrip("/") + "/chat/completions"
-    headers = {"Authorization": f"Bearer {api_key}", "api-key": api_key,
-               "Content-Type": "application/json"}
-    timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    settings, route, query = probe_target(base_url, api_key)
+    headers = {"content-type": "application/json"}
+    payload = orjson.dumps(body)
+    secrets = secret_values({}, settings)
+    loop = asyncio.get_running_loop()
+    async with _session(settings) as session:
+        upstream = Upstream(settings, session)
+
         async def one() -> Recording:
-            recording = await fetch(session, "POST", url, headers, orjson.dumps(body))
+            started = loop.time()
+            try:
+                response = await upstream.send("POST", route, query, headers, payload)
+                async with response:
+                    answer = await read_answer(response, started, settings.max_answer)
+            except ProxyError as exc:
+                raise RuntimeError(exc.message) from exc
+            except AnswerTooLarge as exc:
+                raise RuntimeError(f"an answer was over {settings.max_answer} bytes") from exc
             done()
-            return recording
+            return recording_of(answer, secrets)
 
         recordings = await asyncio.gather(*(one() for _ in range(n)))
     failed = [r for r in recordings if r.status != 200]
@@ -186,3 +244,4 @@ async def probe(base_url: str, api_key: str, model: str, prompt: str, n: int,
     similarity = (sum(fingerprints.similarity(a, b) for a, b in pairs) / len(pairs)) \
         if pairs else 1.0
     return ProbeResult(n, len(set(outputs)), seen, similarity, outputs)
+

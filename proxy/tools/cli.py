@@ -27,7 +27,7 @@ from ..server import serving
 from ..server.usage import last_used, new_run_id, read_runs, read_usage, used_since
 from ..store import StoredItem, describe_store, open_store
 from ..store.state_dir import state_dir
-from .audit import Upstreams, Verdict
+from .audit import Verdict
 from .audit import probe as probe_upstream
 from .audit import verify as verify_entries
 from .configuration import (
@@ -411,9 +411,10 @@ def verify(cassettes: Path, store: str | None, cassette: str | None, as_json: bo
            azure_api_key: str | None, update: bool, concurrency: int) -> None:
     """Re-send every recorded request upstream; report same or drift per key. Exit 1 on drift."""
     entries = [(i.cassette, i.entry) for i in _items(cassettes, store, cassette) if i.entry]
-    upstreams = Upstreams(openai_upstream, azure_upstream, openai_api_key, azure_api_key)
+    settings = Settings(openai_upstream=openai_upstream, azure_upstream=azure_upstream,
+                        openai_api_key=openai_api_key, azure_api_key=azure_api_key)
     with _progress(len(entries), "verifying", as_json) as done:
-        verdicts = asyncio.run(verify_entries(entries, upstreams, concurrency, done))
+        verdicts = asyncio.run(verify_entries(entries, settings, concurrency, done))
     drifted = [v for v in verdicts if v.result in DRIFTS]
     if update and drifted:
         by_key = {(cassette_name, entry.key): entry for cassette_name, entry in entries}
