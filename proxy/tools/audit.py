@@ -23,7 +23,7 @@ from ..core.cassette import Drift, Entry, Recording
 from ..core.errors import ProxyError
 from ..core.providers import Provider, Route, parse_route
 from ..core.routes import RouteClass, route_class
-from ..core.scrub import secret_values
+from ..core.scrub import scrub_text, secret_values
 from ..core.settings import Settings
 from ..server.capture import Answer, AnswerTooLarge, read_answer
 from ..server.recorder import body_recording, stream_recording
@@ -31,6 +31,7 @@ from ..server.upstream import Upstream, client_timeout
 
 # How cassettes recorded before `body_kind` existed spelled a multipart or binary body.
 _HASHED_BEFORE_BODY_KIND = ({"multipart"}, {"sha256", "size", "content_type"})
+_KEY_VARIABLES = {"openai": "OPENAI_API_KEY", "azure": "AZURE_OPENAI_API_KEY"}
 
 SAME, SKIPPED, ERROR = "same", "skipped", "error"
 
@@ -105,6 +106,69 @@ def recording_of(answer: Answer, secrets: Sequence[bytes]) -> Recording:
                             answer.duration_ms)
 
 
+def answer_problem(answer: Answer, recorded: Recording | None, provider: Provider,
+                   secrets: Sequence[bytes]) -> str | None:
+    """Why a fresh answer cannot be compared with the recording, or None. A refusal, a failure
+    or something that is not the API's answer says nothing about drift."""
+    content_type = answer.headers.get("content-type", "") or "none"
+    if not 200 <= answer.status < 300 and (recorded is None or answer.status != recorded.status):
+        said = _error_message(answer.body, secrets)
+        return (f"the upstream answered status {answer.status}: "
+                f"{_advice(answer.status, provider)}" + (f". It said: {said}" if said else ""))
+    if answer.events is not None and not answer.complete:
+        return "the stream was cut before its end; nothing was compared: try again"
+    if recorded is None:
+        return None
+    if recorded.events is not None and answer.events is None:
+        return (f"a stream was recorded, but the answer is not one (content-type "
+                f"{content_type}): check that --{provider}-upstream is the API's address")
+    if recorded.events is None and answer.events is None and _is_json(recorded.body) \
+            and not _is_json(answer.body):
+        start = answer.body[:60].decode("utf-8", "replace")
+        return (f"the answer is not JSON (content-type {content_type}, starting {start!r}): "
+                f"check that --{provider}-upstream is the API's address")
+    return None
+
+
+def _is_json(body: bytes) -> bool:
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+def _error_message(body: bytes, secrets: Sequence[bytes]) -> str:
+    """The provider's own words from an error body (scrubbed: a 401 quotes the key)."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ""
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    if not isinstance(message, str):
+        return ""
+    cleaned = scrub_text(message, secrets)
+    return cleaned if len(cleaned) <= 200 else cleaned[:197] + "..."
+
+
+def _advice(status: int, provider: Provider) -> str:
+    if status in (401, 403):
+        return (f"check the API key (--{provider}-api-key or {_KEY_VARIABLES[provider]}) and "
+                "its permissions")
+    if status == 404:
+        return (f"check --{provider}-upstream (the API's address, such as "
+                "https://api.openai.com) and that the model or deployment exists")
+    if status in (408, 429):
+        return "the provider is busy or rate-limiting: try again later, or lower --concurrency"
+    if status >= 500:
+        return "the provider failed: try again later"
+    if 300 <= status < 400:
+        return f"a redirect, which is not followed: check --{provider}-upstream"
+    return ("the provider refused the recorded request: check the key's access to the model "
+            "(replay-proxy show KEY shows the request)")
+
+
 async def verify(items: Sequence[tuple[str, Entry]], settings: Settings,
                  concurrency: int = 4, done: Callable[[], object] = lambda: None
                  ) -> list[Verdict]:
@@ -132,6 +196,8 @@ async def verify(items: Sequence[tuple[str, Entry]], settings: Settings,
             provider = request.route.provider
             if provider == "azure" and not settings.azure_upstream:
                 return verdict(SKIPPED, "no --azure-upstream given")
+            # What the recorder would scrub: every credential sent, whatever its shape.
+            secrets = secret_values(upstream.headers(request.route, request.headers), settings)
             async with limit:
                 started = loop.time()
                 try:
@@ -147,7 +213,11 @@ async def verify(items: Sequence[tuple[str, Entry]], settings: Settings,
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     return verdict(ERROR, "the upstream broke off its answer mid-body "
                                           f"({exc.__class__.__name__}): try again")
-            fresh = recording_of(answer, ())
+            recorded = fingerprints.select(entry, fingerprints.PINNED).recording
+            problem = answer_problem(answer, recorded, provider, secrets)
+            if problem is not None:
+                return verdict(ERROR, problem)
+            fresh = recording_of(answer, secrets)
             before = fingerprints.baseline(entry, fresh.system_fingerprint)
             result = fingerprints.classify(before, fresh)
             detail = ""

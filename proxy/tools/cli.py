@@ -47,6 +47,14 @@ from .run import run_command, summary_text
 
 _T = TypeVar("_T")
 
+
+class _Failed(click.ClickException):
+    """A command that could not do its work for a reason the user can act on (a missing
+    folder, a refused key, nothing to verify): exit 2, as for bad usage."""
+
+    exit_code = 2
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="replay-proxy")
 @click.option("--config", "config_path", envvar="REPLAY_PROXY_CONFIG", show_envvar=True,
@@ -409,12 +417,20 @@ def drift(cassettes: Path, store: str | None, cassette: str | None, as_json: boo
 def verify(cassettes: Path, store: str | None, cassette: str | None, as_json: bool,
            openai_upstream: str, azure_upstream: str | None, openai_api_key: str | None,
            azure_api_key: str | None, update: bool, concurrency: int) -> None:
-    """Re-send every recorded request upstream; report same or drift per key. Exit 1 on drift."""
-    entries = [(i.cassette, i.entry) for i in _items(cassettes, store, cassette) if i.entry]
+    """Re-send every recorded request upstream; report same or drift per key.
+
+    Exit 1 on drift; 2 when a key could not be verified (an error answer, an unreachable
+    upstream) or when nothing was (every key skipped).
+    """
+    items = _items(cassettes, store, cassette)
+    entries = [(i.cassette, i.entry) for i in items if i.entry]
     settings = Settings(openai_upstream=openai_upstream, azure_upstream=azure_upstream,
                         openai_api_key=openai_api_key, azure_api_key=azure_api_key)
     with _progress(len(entries), "verifying", as_json) as done:
         verdicts = asyncio.run(verify_entries(entries, settings, concurrency, done))
+    verdicts += [Verdict(i.cassette, i.key, "-", "error",
+                         i.error.message if i.error else "unreadable entry")
+                 for i in items if i.entry is None]
     drifted = [v for v in verdicts if v.result in DRIFTS]
     if update and drifted:
         by_key = {(cassette_name, entry.key): entry for cassette_name, entry in entries}
@@ -431,7 +447,16 @@ def verify(cassettes: Path, store: str | None, cassette: str | None, as_json: bo
         click.echo("summary: " + (", ".join(f"{n} {k}" for k, n in counts.items()) or "no keys")
                    + (" (drift stored)" if update and drifted else ""))
     errors = [v for v in verdicts if v.result == "error"]
-    sys.exit(1 if drifted else 2 if errors else 0)
+    if errors:
+        raise _Failed(f"{len(errors)} key(s) could not be verified, and nothing was stored for "
+                      "them: each error says what to check.")
+    if not any(v.result not in ("skipped", "error") for v in verdicts):
+        if verdicts:
+            raise _Failed(f"Nothing was verified: every key ({len(verdicts)}) was skipped, each "
+                          "for the reason given.")
+        where = describe_store(store or cassettes) + (f", cassette {cassette}" if cassette else "")
+        raise _Failed(f"Nothing was verified: no recordings in {where}.")
+    sys.exit(1 if drifted else 0)
 
 
 async def _store_drift(spec: str | Path, entries: dict[tuple[str, str], Entry],

@@ -17,10 +17,12 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
+from click.testing import CliRunner
 from openai import AzureOpenAI, OpenAI
 from replay_proxy.core.modes import Mode
 from replay_proxy.core.scrub import REDACTED
 from replay_proxy.core.settings import Settings
+from replay_proxy.tools.cli import main
 from replay_proxy.tools.testing import ServerThread, run_proxy, run_proxy_process
 
 from tests.conftest import SECRET_KEY, stored_bytes
@@ -50,10 +52,13 @@ def _escaped(payload: Any, secret: str) -> bytes:
     return orjson.dumps(payload).replace(secret.encode(), escape)
 
 
+_CALLS = web.AppKey("calls", list[int])
+
+
 async def _echo(request: web.Request) -> web.StreamResponse:
     """Answer by quoting the credential the request carried, as the request's model asks:
     `reject` (a 401), `echo-plain` (whole), `echo-split` (streamed four characters per event),
-    `echo-escaped` (JSON-escaped)."""
+    `echo-escaped` (JSON-escaped), `echo-counted` (whole, numbered: each answer differs)."""
     key = _presented(request)
     body = await request.json()
     style = body["model"]
@@ -63,6 +68,10 @@ async def _echo(request: web.Request) -> web.StreamResponse:
                                             "type": "invalid_request_error",
                                             "code": "invalid_api_key"}}, status=401)
     text = f"You sent {key} and said: {said}"
+    if style == "echo-counted":
+        calls = request.app[_CALLS]
+        calls.append(len(calls) + 1)
+        text += f" (answer {calls[-1]})"
     if not body.get("stream"):
         payload = {"id": "chatcmpl-echo", "object": "chat.completion", "created": 1,
                    "model": "echo", "choices": [{"index": 0, "finish_reason": "stop",
@@ -87,6 +96,7 @@ async def _echo(request: web.Request) -> web.StreamResponse:
 
 def _echo_app() -> web.Application:
     app = web.Application()
+    app[_CALLS] = []
     app.router.add_post("/v1/chat/completions", _echo)
     app.router.add_post("/openai/deployments/{deployment}/chat/completions", _echo)
     return app
@@ -291,3 +301,28 @@ def test_the_clients_key_streamed_in_pieces_is_not_stored(echo: ServerThread,
     kept = stored_bytes(tmp_path)
     for form in forms(SECRET_KEY):
         assert form not in kept
+
+
+# A key given to `verify`: not shaped like any known key, so only its exact value can keep it
+# out of what `verify --update` stores.
+VERIFY_KEY = "verify-run-key-without-a-known-shape-5e1d"
+
+
+def test_verify_update_stores_the_drifted_answer_scrubbed(echo: ServerThread,
+                                                          tmp_path: Path) -> None:
+    cassettes = tmp_path / "cassettes"
+    settings = Settings(cassettes=cassettes, mode=Mode.RECORD, openai_upstream=echo.url)
+    with run_proxy(settings) as proxy, OpenAI(base_url=proxy.url + "/v1", api_key=SECRET_KEY,
+                                              max_retries=0) as client:
+        client.chat.completions.create(model="echo-counted",  # type: ignore[arg-type]
+                                       messages=[{"role": "user", "content": "hello"}])
+    result = CliRunner().invoke(main, ["verify", "--cassettes", str(cassettes), "--update",
+                                       "--openai-upstream", echo.url, "--openai-api-key",
+                                       VERIFY_KEY], env={"OPENAI_API_KEY": None})
+    assert result.exit_code == 1, result.output  # answer 2 is not answer 1
+    assert "drift:output" in result.output and "drift stored" in result.output
+    kept = stored_bytes(tmp_path)
+    assert b"You sent [REDACTED] and said: hello (answer 2)" in kept
+    for form in forms(VERIFY_KEY):
+        assert form not in kept, form
+    assert VERIFY_KEY not in result.output

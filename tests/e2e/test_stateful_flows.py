@@ -292,8 +292,9 @@ def test_verify_skips_stateful_keys_with_a_reason(make_proxy: ProxyFactory,
         client.vector_stores.create(name="docs")
     result = CliRunner().invoke(main, ["verify", "--cassettes", str(cassettes), "--json",
                                        "--openai-upstream", simulator.url])
-    [verdict] = orjson.loads(result.output)
+    [verdict] = orjson.loads(result.stdout)
     assert verdict["result"] == "skipped" and "stateful" in verdict["detail"]
+    assert result.exit_code == 2  # nothing was verified
 
 
 def test_workers_agree_on_the_nth_request(simulator: SimulatorThread, tmp_path: Path) -> None:
