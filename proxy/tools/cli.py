@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,12 +20,13 @@ import orjson
 from aiohttp import web
 
 from ..core.cassette import Drift, Entry, encode_entry
+from ..core.compaction import compact as compact_entry
 from ..core.errors import ProxyError
 from ..core.modes import Mode, resolve_mode
 from ..core.settings import OPENAI_UPSTREAM, Settings
 from ..server import serving
 from ..server.usage import last_used, new_run_id, read_runs, read_usage, used_since
-from ..store import StoredItem, describe_store, open_store
+from ..store import Store, StoredItem, describe_store, open_store
 from ..store.state_dir import state_dir
 from .audit import Verdict
 from .audit import probe as probe_upstream
@@ -535,6 +536,119 @@ def pin(key_prefix: str, fingerprint: str, cassettes: Path, store: str | None,
         return
     click.echo(f"pinned {item.cassette}/{item.key[:16]} to {fingerprint} "
                f"(was {item.entry.pinned_fingerprint}); a running proxy picks it up on restart")
+
+
+@dataclass(frozen=True)
+class _Compacted:
+    """One key `compact` rewrote (or would): duplicates dropped, an older layout upgraded."""
+
+    cassette: str
+    label: str
+    key: str
+    dropped: int
+    upgraded: bool
+    bytes_before: int
+    bytes_after: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {"cassette": self.cassette, "label": self.label, "key": self.key,
+                "dropped": self.dropped, "upgraded": self.upgraded,
+                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after}
+
+
+@dataclass
+class _Compaction:
+    compacted: list[_Compacted] = field(default_factory=list)
+    sequences: list[str] = field(default_factory=list)  # sequenced keys, left as they are
+    refused: list[str] = field(default_factory=list)  # why each unreadable key was left
+
+
+async def _compact_store(spec: str | Path, cassette: str | None, dry_run: bool,
+                         quiet: bool) -> _Compaction:
+    backend = open_store(spec)
+    outcome = _Compaction()
+    try:
+        names = [cassette] if cassette else await backend.cassettes()
+        items = [item for name in names for item in await backend.items(name)]
+        with _progress(len(items), "compacting", quiet) as done:
+            for item in items:
+                await _compact_item(backend, item, dry_run, outcome)
+                done()
+    finally:
+        await backend.close()
+    return outcome
+
+
+async def _compact_item(backend: Store, item: StoredItem, dry_run: bool,
+                        outcome: _Compaction) -> None:
+    name = f"{item.cassette}/{item.label}-{item.key[:16]}"
+    if item.entry is None:
+        outcome.refused.append(item.error.message if item.error else f"{name}: unreadable")
+        return
+    if item.entry.sequence:
+        outcome.sequences.append(name)
+        return
+    # A file written by an older version (format 1 has no `sequence`, and sorted every key) or
+    # laid out by hand is not the size of what this version writes for the same entry.
+    upgraded = len(encode_entry(item.entry)) != item.size
+    result = compact_entry(item.entry)
+    if not result.dropped and not upgraded:
+        return
+    if not dry_run:
+        # Under the key's lock, from what is stored now: a proxy sharing the store may have
+        # added a recording since the listing, and it must not be written over.
+        async with backend.lock(item.cassette, item.key):
+            current = await backend.get(item.cassette, item.key, item.label)
+            if current is None or current.sequence:
+                return
+            result = compact_entry(current)
+            await backend.put(item.cassette, result.entry)
+    outcome.compacted.append(_Compacted(item.cassette, item.label, item.key, result.dropped,
+                                        upgraded, item.size, len(encode_entry(result.entry))))
+
+
+@main.command()
+@_store_options
+@click.option("--dry-run", is_flag=True, help="Say what would change, change nothing.")
+def compact(cassettes: Path, store: str | None, cassette: str | None, as_json: bool,
+            dry_run: bool) -> None:
+    """Drop recordings byte-identical to an earlier one of the same fingerprint.
+
+    The first is kept, with the latest time a copy was recorded or verified as its
+    verified_at; every fingerprint replays what it replayed before. Files in an older format
+    are rewritten in the current one. Sequenced keys are left as they are: their recordings are
+    replayed in order, so an equal answer in them is another place, not a copy. Exit 1 when a
+    key could not be read.
+    """
+    spec = store or cassettes
+    outcome = _on_store(_compact_store(spec, cassette, dry_run, as_json))
+    dropped = sum(change.dropped for change in outcome.compacted)
+    before = sum(change.bytes_before for change in outcome.compacted)
+    after = sum(change.bytes_after for change in outcome.compacted)
+    if as_json:
+        _echo_json({"store": describe_store(spec), "dry_run": dry_run,
+                    "compacted": [change.as_json() for change in outcome.compacted],
+                    "dropped": dropped, "bytes_before": before, "bytes_after": after,
+                    "sequences_left": outcome.sequences, "refused": outcome.refused})
+    else:
+        verb = "would compact" if dry_run else "compacted"
+        for change in outcome.compacted:
+            what = [f"dropped {change.dropped} duplicate recording(s)"] if change.dropped else []
+            what += ["rewritten in the current format"] if change.upgraded else []
+            click.echo(f"{verb} {change.cassette}/{change.label}-{change.key[:16]}: "
+                       f"{', '.join(what)} ({change.bytes_before} -> {change.bytes_after} bytes)")
+        if outcome.sequences:
+            click.echo(f"left {len(outcome.sequences)} sequenced key(s) as they are: their "
+                       "recordings are replayed in order, so an equal answer is another place "
+                       "in the sequence, not a copy")
+        upgraded = sum(1 for change in outcome.compacted if change.upgraded)
+        click.echo(f"{verb} {len(outcome.compacted)} key(s) in {describe_store(spec)}: "
+                   f"{dropped} duplicate recording(s) dropped, {upgraded} file(s) upgraded to "
+                   f"the current format, {before} -> {after} bytes")
+        for reason in outcome.refused:
+            click.echo(f"not compacted: {reason}", err=True)
+    if outcome.refused:
+        sys.exit(1)
 
 
 @main.command()
