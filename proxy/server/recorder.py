@@ -124,6 +124,9 @@ async def pump(state: ProxyState, exchange: Exchange, flight: Flight) -> None:
         return
     async with state.store.lock(exchange.cassette, exchange.key):
         stored = await state.store.get(exchange.cassette, exchange.key, exchange.route.label)
+        if stored is not None:
+            # Its recordings answer this request, or it refreshes them: in use either way.
+            state.used(exchange.cassette, exchange.key)
         decision = plan(exchange.mode, stored, fingerprint=exchange.fingerprint,
                         occurrence=exchange.occurrence, method=exchange.method,
                         stale_before=exchange.stale_before)

@@ -25,7 +25,7 @@ from ..core.errors import ProxyError
 from ..core.modes import Mode, resolve_mode
 from ..core.settings import OPENAI_UPSTREAM, Settings
 from ..server import serving
-from ..server.usage import last_used, new_run_id, read_runs, read_usage, used_since
+from ..server.usage import last_used, new_run_id, read_runs, read_usage, usage_since
 from ..store import Store, StoredItem, describe_store, open_store
 from ..store.state_dir import state_dir
 from .audit import Verdict
@@ -655,23 +655,32 @@ def compact(cassettes: Path, store: str | None, cassette: str | None, as_json: b
 @_store_options
 @click.option("--since-run", default=None,
               help="Keep keys used by this run or later ones (default: the latest run).")
+@click.option("--all", "everywhere", is_flag=True,
+              help="Also delete from cassettes those runs did not touch (by default only the "
+                   "cassettes whose recordings they consulted are pruned).")
 @click.option("--dry-run", is_flag=True, help="List what would be deleted, delete nothing.")
 def prune(cassettes: Path, store: str | None, cassette: str | None, as_json: bool,
-          since_run: str | None, dry_run: bool) -> None:
-    """Delete recordings that no request used since a given run (see `replay-proxy stats`)."""
+          since_run: str | None, everywhere: bool, dry_run: bool) -> None:
+    """Delete recordings no request used since a given run (see `replay-proxy stats`).
+
+    Only cassettes that run (or a later one) touched are pruned: a run of part of a suite says
+    nothing about the cassettes of the tests it did not run. --all prunes every cassette.
+    """
     directory = state_dir(cassettes)
     runs = read_runs(directory)
     if not runs:
-        raise click.ClickException(f"No usage recorded under {directory}: run your suite through "
-                                   "the proxy first, then prune.")
+        raise _Failed(f"No usage recorded under {directory}: run your suite through the proxy "
+                      "first, then prune.")
     since = since_run or str(runs[-1]["run"])
     try:
-        keep = used_since(read_usage(directory), runs, since)
+        usage = usage_since(read_usage(directory), runs, since)
     except KeyError as exc:
-        raise click.ClickException(f"Unknown run {since}; `replay-proxy stats` lists runs.") \
-            from exc
-    unused = [item for item in _items(cassettes, store, cassette)
-              if (item.cassette, item.key) not in keep]
+        raise _Failed(f"Unknown run {since}; `replay-proxy stats` lists runs.") from exc
+    items = _items(cassettes, store, cassette)
+    unused = [item for item in items if (item.cassette, item.key) not in usage.used
+              and (everywhere or item.cassette in usage.touched)]
+    left = [] if everywhere else sorted({item.cassette for item in items
+                                         if item.cassette not in usage.touched})
 
     async def delete() -> None:
         backend = open_store(store or cassettes)
@@ -684,13 +693,19 @@ def prune(cassettes: Path, store: str | None, cassette: str | None, as_json: boo
     if not dry_run:
         _on_store(delete())
     if as_json:
-        _echo_json({"since_run": since, "dry_run": dry_run,
-                    "deleted": [{"cassette": i.cassette, "key": i.key} for i in unused]})
+        _echo_json({"since_run": since, "dry_run": dry_run, "all": everywhere,
+                    "deleted": [{"cassette": i.cassette, "key": i.key} for i in unused],
+                    "cassettes_left": left})
         return
     verb = "would delete" if dry_run else "deleted"
     for item in unused:
         click.echo(f"{verb} {item.cassette}/{item.label}-{item.key[:16]}")
-    click.echo(f"{verb} {len(unused)} key(s) not used since run {since}")
+    click.echo(f"{verb} {len(unused)} key(s) not used since run {since}"
+               + ("" if everywhere else " in the cassettes it touched"))
+    if left:
+        shown = ", ".join(left[:5]) + (", ..." if len(left) > 5 else "")
+        click.echo(f"left {len(left)} cassette(s) that run did not touch as they are ({shown}); "
+                   "--all prunes them too")
 
 
 @main.command()

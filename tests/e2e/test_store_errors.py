@@ -112,7 +112,7 @@ def test_a_usage_log_that_cannot_be_written_does_not_stop_the_proxy(
     from replay_proxy.server.usage import UsageLog
 
     usage = UsageLog(tmp_path / ".replay-proxy")
-    blocked = tmp_path / ".replay-proxy" / "runs" / f"{usage.run}.json"
+    blocked = usage.run_file
     blocked.mkdir(parents=True)  # the run file cannot be replaced, as on a full disk
     usage.note("c", "k" * 64)
     usage.flush({"totals": {}})
