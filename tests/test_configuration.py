@@ -76,6 +76,7 @@ def test_flag_beats_environment_beats_file_beats_default(tmp_path: Path) -> None
 
 def test_replay_proxy_toml_and_config_option(tmp_path: Path) -> None:
     (tmp_path / "replay-proxy.toml").write_text('mode = "replay"\n')
+    (tmp_path / "cassettes").mkdir()  # replay mode starts only on a folder that exists
     assert health_under(cwd=tmp_path)["mode"] == "replay"
     other = tmp_path / "ci.toml"
     other.write_text('[tool.replay-proxy]\nmode = "passthrough"\n')
@@ -152,11 +153,13 @@ def test_other_commands_read_the_shared_options(tmp_path: Path) -> None:
     assert {row["cassette"] for row in rows} == {"tour"}
     by_env = replay_proxy("ls", "--json", cwd=tmp_path / "src",
                           env={"REPLAY_PROXY_CASSETTES": str(tmp_path / "nothing")})
-    assert json.loads(by_env.stdout) == []
+    assert by_env.returncode == 2  # the variable beat the file, and names no folder
+    assert f"--cassettes {tmp_path / 'nothing'}: no such folder" in by_env.stderr
 
 
 def test_run_options_in_the_file(tmp_path: Path) -> None:
     (tmp_path / "replay-proxy.toml").write_text('mode = "replay"\nallow-misses = true\n')
+    (tmp_path / "cassettes").mkdir()
     missing = ("import os, urllib.request, urllib.error\ntry:\n"
                "    urllib.request.urlopen(os.environ['OPENAI_BASE_URL'] + '/models')\n"
                "except urllib.error.HTTPError as error:\n    print(error.code)")

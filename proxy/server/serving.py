@@ -1,5 +1,15 @@
 """Running a server in this process until SIGINT or SIGTERM: the event loop (uvloop when it is
-installed, else asyncio's), the listening socket (SO_REUSEPORT for --workers) and shutdown."""
+installed, else asyncio's), the listening socket (SO_REUSEPORT for --workers) and shutdown;
+and the checks made before any of it starts.
+
+The workers of one `serve` share their port through SO_REUSEPORT, which keeps the kernel
+spreading connections over them (one listening socket handed to every worker would let the
+first to wake take a client's whole keep-alive pool). SO_REUSEPORT would also let a second
+`serve --workers` by the same user join the port and take part of its traffic, so the parent
+first binds the port without it (`check_port_free`): anything already listening there, a
+replay-proxy included, makes that fail. Two `serve`s started within the same moment could
+both pass; one started while another serves cannot.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +19,42 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from ..core.modes import Mode
+from ..core.settings import Settings
+from ..store import store_folder
+
 LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise OSError (EADDRINUSE) when anything listens on host:port, a replay-proxy served by
+    --workers included: the port is bound here without SO_REUSEPORT, and let go at once."""
+
+    async def bind() -> None:
+        server = await asyncio.get_running_loop().create_server(
+            asyncio.Protocol, host, port, start_serving=False)
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(bind())
+
+
+def store_problem(settings: Settings, mode: Mode) -> str | None:
+    """Why a proxy would answer nothing but errors with these settings, said before it starts:
+    a store folder that is a file, or, in replay mode, one that does not exist (every request
+    would miss; record mode creates it). Raises ValueError for an unknown kind of store."""
+    folder = store_folder(settings.store_spec)
+    if folder is None:  # Redis: an empty database is a store like any other
+        return None
+    option = settings.option_spelling.flag("store" if settings.store else "cassettes")
+    if folder.exists() and not folder.is_dir():
+        return f"{option} {folder} is a file, not a folder of cassettes."
+    if mode is Mode.REPLAY and not folder.is_dir():
+        return (f"{option} {folder} does not exist, so replay mode would answer every request "
+                "with a miss. Check the path (a relative one starts from the working directory, "
+                f"or from the configuration file's folder), or record first "
+                f"({settings.option_spelling('mode', 'record')}).")
+    return None
 
 
 def new_event_loop(choice: str = "auto") -> asyncio.AbstractEventLoop:

@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from .base import Store, StoredItem
-from .factory import describe_store, open_store
+from .factory import describe_store, open_store, store_folder
 
-__all__ = ["Store", "StoredItem", "describe_store", "open_store"]
+__all__ = ["Store", "StoredItem", "describe_store", "open_store", "store_folder"]

@@ -26,7 +26,7 @@ from ..core.modes import Mode, resolve_mode
 from ..core.settings import OPENAI_UPSTREAM, Settings
 from ..server import serving
 from ..server.usage import last_used, new_run_id, read_runs, read_usage, usage_since
-from ..store import Store, StoredItem, describe_store, open_store
+from ..store import Store, StoredItem, describe_store, open_store, store_folder
 from ..store.state_dir import state_dir
 from .audit import Verdict
 from .audit import probe as probe_upstream
@@ -102,6 +102,9 @@ def _settings(options: dict[str, Any]) -> Settings:
     settings = settings_from(options, run_id=new_run_id(),
                              cassette_rules=cassette_rules_from(config))
     try:
+        problem = serving.store_problem(settings, resolve_mode(settings.mode, os.environ))
+        if problem is not None:
+            raise click.UsageError(problem)
         asyncio.run(open_store(settings.store_spec).close())  # a bad --store fails here, clearly
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--store") from exc
@@ -124,6 +127,14 @@ def serve(ctx: click.Context, /, **options: Any) -> None:
     """Run the proxy on HOST:PORT until interrupted."""
     settings = _settings(options)
     host, port, workers = options["host"], options["port"], options["workers"]
+    if workers > 1 and port == 0:
+        raise click.UsageError("--workers shares one port between its processes: give "
+                               "--port N (each worker would take a port of its own for 0).")
+    try:
+        # Before anything starts: no other serve may join the workers' port (see serving).
+        serving.check_port_free(host, port)
+    except OSError as exc:
+        raise _port_error(exc, host, port) from exc
     logging_options = (options["log_level"], options["log_format"])
     effective = resolve_mode(settings.mode, os.environ)
     click.echo(
@@ -210,12 +221,14 @@ def _run(make_runner: Callable[[], web.BaseRunner], host: str, port: int, loop_c
     try:
         serving.serve(make_runner, host, port, reuse_port, loop_choice)
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise click.ClickException(
-                f"{host}:{port} is already in use (another replay-proxy?). Stop it or pass "
-                "--port N."
-            ) from exc
-        raise
+        raise _port_error(exc, host, port) from exc
+
+
+def _port_error(exc: OSError, host: str, port: int) -> Exception:
+    if exc.errno == errno.EADDRINUSE:
+        return _Failed(f"{host}:{port} is already in use (another replay-proxy?). Stop it or "
+                       "pass --port N.")
+    return exc
 
 
 @main.command()
@@ -295,11 +308,37 @@ def _on_store(work: Coroutine[Any, Any, _T]) -> _T:
         raise click.UsageError(str(exc)) from exc
 
 
+def _existing(spec: str | Path, option: str) -> None:
+    """Refuse a store folder that does not exist, before opening it (which for a diskcache
+    would create it): a typo in --cassettes or --store would otherwise show nothing, and
+    succeed."""
+    try:
+        folder = store_folder(spec)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from exc
+    if folder is not None and not folder.is_dir():
+        raise _Failed(f"{option} {spec}: no such folder. Give the folder that holds your "
+                      "cassettes (the default is ./cassettes).")
+
+
+async def _names(backend: Store, cassette: str | None) -> list[str]:
+    """The cassettes to work on: all of them, or the one named, which must hold recordings."""
+    names = await backend.cassettes()
+    if cassette is None:
+        return names
+    if cassette not in names:
+        raise _Failed(f"No cassette {cassette!r} in {backend.description}; `replay-proxy ls` "
+                      "lists the keys of every cassette.")
+    return [cassette]
+
+
 def _items(cassettes: Path, store: str | None, cassette: str | None) -> list[StoredItem]:
+    _existing(store or cassettes, "--store" if store else "--cassettes")
+
     async def load() -> list[StoredItem]:
         backend = open_store(store or cassettes)
         try:
-            names = [cassette] if cassette else await backend.cassettes()
+            names = await _names(backend, cassette)
             found: list[StoredItem] = []
             for name in names:
                 found += await backend.items(name)
@@ -568,7 +607,7 @@ async def _compact_store(spec: str | Path, cassette: str | None, dry_run: bool,
     backend = open_store(spec)
     outcome = _Compaction()
     try:
-        names = [cassette] if cassette else await backend.cassettes()
+        names = await _names(backend, cassette)
         items = [item for name in names for item in await backend.items(name)]
         with _progress(len(items), "compacting", quiet) as done:
             for item in items:
@@ -621,6 +660,7 @@ def compact(cassettes: Path, store: str | None, cassette: str | None, as_json: b
     key could not be read.
     """
     spec = store or cassettes
+    _existing(spec, "--store" if store else "--cassettes")
     outcome = _on_store(_compact_store(spec, cassette, dry_run, as_json))
     dropped = sum(change.dropped for change in outcome.compacted)
     before = sum(change.bytes_before for change in outcome.compacted)
@@ -666,6 +706,7 @@ def prune(cassettes: Path, store: str | None, cassette: str | None, as_json: boo
     Only cassettes that run (or a later one) touched are pruned: a run of part of a suite says
     nothing about the cassettes of the tests it did not run. --all prunes every cassette.
     """
+    _existing(cassettes, "--cassettes")
     directory = state_dir(cassettes)
     runs = read_runs(directory)
     if not runs:
@@ -716,6 +757,7 @@ def prune(cassettes: Path, store: str | None, cassette: str | None, as_json: boo
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def stats(cassettes: Path, cassette: str | None, run_id: str | None, as_json: bool) -> None:
     """Hits, misses, upstream calls and tokens replayed instead of paid, per run."""
+    _existing(cassettes, "--cassettes")
     runs = read_runs(state_dir(cassettes))
     if cassette is not None:
         runs = [{**run, "totals": (run.get("cassettes") or {}).get(cassette, {})}
@@ -738,11 +780,17 @@ def stats(cassettes: Path, cassette: str | None, run_id: str | None, as_json: bo
 def _copy(source: str, target: str, cassette: str | None,
           quiet: bool) -> tuple[int, list[str]]:
     """(keys copied, why each other key was not): one unreadable key stops no other."""
+    _existing(source, "--from")
+    try:
+        store_folder(target)  # an unknown kind of store, refused before anything is read
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--to") from exc
+
     async def run() -> tuple[int, list[str]]:
         origin, destination = open_store(source), open_store(target)
         copied, refused = 0, []
         try:
-            names = [cassette] if cassette else await origin.cassettes()
+            names = await _names(origin, cassette)
             items = [item for name in names for item in await origin.items(name)]
             with _progress(len(items), "copying", quiet) as done:
                 for item in items:

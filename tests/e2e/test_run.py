@@ -98,8 +98,9 @@ def python_client(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Iterator[Path]:
+    """A project with its (empty) cassettes folder: replay mode refuses to start without one."""
     folder = tmp_path / "project"
-    folder.mkdir()
+    (folder / "cassettes").mkdir(parents=True)
     yield folder
 
 
