@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -97,13 +98,15 @@ def _session(settings: Settings) -> aiohttp.ClientSession:
                                  cookie_jar=aiohttp.DummyCookieJar())
 
 
-def recording_of(answer: Answer, secrets: Sequence[bytes]) -> Recording:
-    """The answer as the proxy would store it: scrubbed, with its fingerprint, model, usage."""
+def recording_of(answer: Answer, secrets: Sequence[bytes],
+                 redactions: Sequence[re.Pattern[str]] = ()) -> Recording:
+    """The answer as the proxy would store it: scrubbed of the exchange's credentials and what
+    the redaction rules name, with its fingerprint, model, usage."""
     if answer.events is None:
         return body_recording(answer.status, answer.headers, answer.body, tuple(secrets),
-                              answer.duration_ms)
+                              answer.duration_ms, redactions)
     return stream_recording(answer.status, answer.headers, answer.events, tuple(secrets),
-                            answer.duration_ms)
+                            answer.duration_ms, redactions)
 
 
 def answer_problem(answer: Answer, recorded: Recording | None, provider: Provider,
@@ -217,7 +220,8 @@ async def verify(items: Sequence[tuple[str, Entry]], settings: Settings,
             problem = answer_problem(answer, recorded, provider, secrets)
             if problem is not None:
                 return verdict(ERROR, problem)
-            fresh = recording_of(answer, secrets)
+            fresh = recording_of(answer, secrets,
+                                 settings.policy_for(cassette).rules.redaction_patterns)
             before = fingerprints.baseline(entry, fresh.system_fingerprint)
             result = fingerprints.classify(before, fresh)
             detail = ""

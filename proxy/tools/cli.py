@@ -451,12 +451,18 @@ def drift(cassettes: Path, store: str | None, cassette: str | None, as_json: boo
               help="Key sent to OpenAI.")
 @click.option("--azure-api-key", envvar="AZURE_OPENAI_API_KEY", default=None, show_envvar=True,
               help="Key sent to Azure OpenAI.")
+@click.option("--redact", multiple=True, metavar="NAME_OR_REGEX",
+              help="What serve's --redact removes from the answers it stores, removed from "
+                   "what --update stores too (repeatable; read from the configuration file "
+                   "like serve's, per-cassette rules included).")
 @click.option("--update", is_flag=True, help="Store each drifted answer as a new recording.")
 @click.option("--concurrency", default=4, show_default=True, type=int,
               help="Requests in flight at once.")
-def verify(cassettes: Path, store: str | None, cassette: str | None, as_json: bool,
-           openai_upstream: str, azure_upstream: str | None, openai_api_key: str | None,
-           azure_api_key: str | None, update: bool, concurrency: int) -> None:
+@click.pass_context
+def verify(ctx: click.Context, /, cassettes: Path, store: str | None, cassette: str | None,
+           as_json: bool, openai_upstream: str, azure_upstream: str | None,
+           openai_api_key: str | None, azure_api_key: str | None, redact: tuple[str, ...],
+           update: bool, concurrency: int) -> None:
     """Re-send every recorded request upstream; report same or drift per key.
 
     Exit 1 on drift; 2 when a key could not be verified (an error answer, an unreachable
@@ -464,8 +470,11 @@ def verify(cassettes: Path, store: str | None, cassette: str | None, as_json: bo
     """
     items = _items(cassettes, store, cassette)
     entries = [(i.cassette, i.entry) for i in items if i.entry]
-    settings = Settings(openai_upstream=openai_upstream, azure_upstream=azure_upstream,
-                        openai_api_key=openai_api_key, azure_api_key=azure_api_key)
+    # Scrubbed as the proxy scrubs what it records: the same redaction rules, by cassette.
+    settings = settings_from(
+        {"openai_upstream": openai_upstream, "azure_upstream": azure_upstream,
+         "openai_api_key": openai_api_key, "azure_api_key": azure_api_key, "redact": redact},
+        cassette_rules=cassette_rules_from(ctx.find_root().meta.get(_CONFIG_KEY)))
     with _progress(len(entries), "verifying", as_json) as done:
         verdicts = asyncio.run(verify_entries(entries, settings, concurrency, done))
     verdicts += [Verdict(i.cassette, i.key, "-", "error",

@@ -63,7 +63,7 @@ KEY_POLICY_OPTIONS = ("ignore_field", "match_field", "match_header", "mask", "ig
                       "redact")
 # Options the other commands (ls, verify, ...) share with serve, so one file configures them too.
 SHARED_OPTIONS = frozenset({"cassettes", "store", "openai_upstream", "azure_upstream",
-                            "openai_api_key", "azure_api_key", "max_age"})
+                            "openai_api_key", "azure_api_key", "max_age", "redact"})
 # Credentials come from the environment only: a configuration file is committed.
 SECRET_OPTIONS = frozenset({"openai_api_key", "azure_api_key", "auth_token"})
 

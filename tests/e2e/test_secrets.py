@@ -19,7 +19,9 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner
 from openai import AzureOpenAI, OpenAI
+from replay_proxy.core.canonical import KeyPolicy
 from replay_proxy.core.modes import Mode
+from replay_proxy.core.rules import Rules
 from replay_proxy.core.scrub import REDACTED
 from replay_proxy.core.settings import Settings
 from replay_proxy.tools.cli import main
@@ -53,6 +55,7 @@ def _escaped(payload: Any, secret: str) -> bytes:
 
 
 _CALLS = web.AppKey("calls", list[int])
+CONTACT = "help.desk@example.com"  # what a --redact email rule removes from stored answers
 
 
 async def _echo(request: web.Request) -> web.StreamResponse:
@@ -71,7 +74,7 @@ async def _echo(request: web.Request) -> web.StreamResponse:
     if style == "echo-counted":
         calls = request.app[_CALLS]
         calls.append(len(calls) + 1)
-        text += f" (answer {calls[-1]})"
+        text += f" (answer {calls[-1]}; write to {CONTACT})"
     if not body.get("stream"):
         payload = {"id": "chatcmpl-echo", "object": "chat.completion", "created": 1,
                    "model": "echo", "choices": [{"index": 0, "finish_reason": "stop",
@@ -322,7 +325,30 @@ def test_verify_update_stores_the_drifted_answer_scrubbed(echo: ServerThread,
     assert result.exit_code == 1, result.output  # answer 2 is not answer 1
     assert "drift:output" in result.output and "drift stored" in result.output
     kept = stored_bytes(tmp_path)
-    assert b"You sent [REDACTED] and said: hello (answer 2)" in kept
+    assert b"You sent [REDACTED] and said: hello (answer 2; " in kept
     for form in forms(VERIFY_KEY):
         assert form not in kept, form
     assert VERIFY_KEY not in result.output
+
+
+def test_verify_update_applies_the_redaction_rules_of_the_configuration(
+        echo: ServerThread, tmp_path: Path) -> None:
+    cassettes = tmp_path / "cassettes"
+    config = tmp_path / "replay-proxy.toml"
+    config.write_text('redact = ["email"]\n')
+    rules = Rules.parse(redactions=("email",))
+    settings = Settings(cassettes=cassettes, mode=Mode.RECORD, openai_upstream=echo.url,
+                        key_policy=KeyPolicy.build(rules=rules))
+    with run_proxy(settings) as proxy, OpenAI(base_url=proxy.url + "/v1", api_key=SECRET_KEY,
+                                              max_retries=0) as client:
+        live = client.chat.completions.create(model="echo-counted",  # type: ignore[arg-type]
+                                              messages=[{"role": "user", "content": "hi"}])
+    assert CONTACT in (live.choices[0].message.content or "")
+    result = CliRunner().invoke(main, ["--config", str(config), "verify", "--update",
+                                       "--cassettes", str(cassettes), "--openai-upstream",
+                                       echo.url, "--openai-api-key", VERIFY_KEY],
+                                env={"OPENAI_API_KEY": None})
+    assert result.exit_code == 1 and "drift stored" in result.output, result.output
+    kept = stored_bytes(cassettes)
+    assert b"(answer 1; write to [REDACTED])" in kept and b"(answer 2; write to [REDACTED])" in kept
+    assert CONTACT.encode() not in kept
