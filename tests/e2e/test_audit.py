@@ -11,10 +11,10 @@ import orjson
 import pytest
 from aiohttp import web
 from click.testing import CliRunner, Result
-from openai import OpenAI
+from openai import AzureOpenAI, OpenAI
 from replay_proxy.core.modes import Mode
 from replay_proxy.tools.cli import main
-from replay_proxy.tools.testing import ServerThread, SimulatorThread
+from replay_proxy.tools.testing import ServerThread, SimulatorThread, free_port
 
 from tests.conftest import SECRET_KEY, ProxyFactory, recorded_files
 
@@ -183,3 +183,25 @@ def test_probe_takes_a_base_url_as_the_sdk_does(simulator: SimulatorThread, path
     provider = "azure" if "openai/" in path else "openai"
     assert simulator.state.last_headers.get("api-key" if provider == "azure"
                                             else "authorization", "").endswith(SECRET_KEY)
+
+
+def test_an_unreachable_upstream_is_an_error(recorded: Path) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    result = _verify(recorded, "--openai-upstream", nowhere, "--openai-api-key", SECRET_KEY)
+    assert result.exit_code == 2, result.output
+    assert result.output.count(f"Could not reach the upstream {nowhere}") == 2
+
+
+def test_azure_keys_go_to_the_azure_upstream_with_its_key(make_proxy: ProxyFactory,
+                                                         simulator: SimulatorThread,
+                                                         cassettes: Path) -> None:
+    simulator.state.api_key = SECRET_KEY
+    with make_proxy(Mode.RECORD) as proxy, AzureOpenAI(
+            azure_endpoint=proxy.url, api_key=SECRET_KEY, api_version="2024-10-21") as client:
+        client.chat.completions.create(**CHAT)  # type: ignore[arg-type]
+    skipped = _verify(cassettes, "--openai-upstream", simulator.url)
+    assert skipped.exit_code == 2 and "no --azure-upstream given" in skipped.output
+    verified = _verify(cassettes, "--azure-upstream", simulator.url, "--azure-api-key",
+                       SECRET_KEY)
+    assert verified.exit_code == 0 and "summary: 1 same" in verified.output, verified.output
+    assert simulator.state.last_headers["api-key"] == SECRET_KEY
