@@ -193,6 +193,14 @@ async def verify(items: Sequence[tuple[str, Entry]], settings: Settings,
                                              entry.request.get("body")) is RouteClass.STATEFUL:
                 return verdict(SKIPPED, "a stateful key: re-sending it would create or change a "
                                         "resource upstream")
+            changed_by = sorted(kind for kind in ("mask", "ignore_path", "redact")
+                                if entry.rules.get(kind))
+            if changed_by:
+                # The stored request holds placeholders (or lacks fields): not what was sent,
+                # so the provider's answer to it would say nothing about drift.
+                rules = ", ".join("--" + kind.replace("_", "-") for kind in changed_by)
+                return verdict(SKIPPED, f"keyed under {rules}: the stored request is not the one "
+                                        "that was sent; re-record it (--mode refresh) instead")
             request = resend(entry)
             if isinstance(request, str):
                 return verdict(SKIPPED, request)

@@ -214,3 +214,16 @@ def test_bad_cassette_rules_name_the_file_and_key(table: str, fragment: str,
     result = CliRunner().invoke(main, ["--config", str(config), "serve", "--port", "1"])
     assert result.exit_code == 2, result.output
     assert fragment in result.output and "replay-proxy.toml" in result.output
+
+
+def test_verify_skips_what_the_rules_changed(make_proxy: ProxyFactory, simulator: SimulatorThread,
+                                            cassettes: Path) -> None:
+    """A masked request was stored with placeholders: re-sending it would ask something else."""
+    with make_proxy(Mode.RECORD, key_policy=policy(masks=["iso-date"])) as proxy:
+        ask(proxy, "Today is 2026-11-21. Be brief.")
+    calls = simulator.state.calls
+    result = CliRunner().invoke(main, ["verify", "--cassettes", str(cassettes), "--json",
+                                       "--openai-upstream", simulator.url])
+    [verdict] = orjson.loads(result.stdout)
+    assert verdict["result"] == "skipped" and "keyed under --mask" in verdict["detail"]
+    assert simulator.state.calls == calls and result.exit_code == 2  # nothing was verified
