@@ -375,6 +375,9 @@ def _decode_document(document: dict[str, Any]) -> Entry:
 
 
 _RULE_KINDS = frozenset({"mask", "ignore_path", "redact"})
+# In `extra`: the matching rules changed the stored request (it holds placeholders, or lacks an
+# ignored field), so it is not the request that was sent.
+RULES_CHANGED = "rules_changed_request"
 
 
 def _rules(value: object) -> dict[str, list[str]]:

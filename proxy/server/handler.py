@@ -311,6 +311,7 @@ async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
                 cassette=cassette, key=key, route=route, method=request.method, query=query,
                 headers=headers, body=body, canonical=canonical, forward=forward, mode=mode,
                 fingerprint=policy, occurrence=occurrence, stale_before=stale_before,
+                rules_changed=bool(keyed.changed or keyed.dropped),
                 secrets=tuple(secret_values(headers, settings, credential_values(query.items()))),
             )
             if forward is None:

@@ -19,6 +19,7 @@ import orjson
 from ..core import fingerprints
 from ..core.cassette import (
     REPLAYED_HEADERS,
+    RULES_CHANGED,
     Entry,
     Recording,
     SseEvent,
@@ -71,6 +72,9 @@ class Exchange:
     occurrence: int | None
     secrets: tuple[bytes, ...]
     stale_before: str | None = None  # --max-age, as the plan takes it
+    # The matching rules changed the request as stored (a mask, a redaction, an ignored path):
+    # it is not the one that was sent, so verify must not re-send it.
+    rules_changed: bool = False
 
 
 def storable(status: int, record_errors: bool) -> bool:
@@ -302,7 +306,8 @@ async def commit(state: ProxyState, exchange: Exchange, existing: Entry | None,
     """Store the answer as the plan said (a new entry for a new key) and write it."""
     fresh = existing if existing is not None else Entry(
         exchange.key, exchange.route.label, _scrubbed_request(exchange),
-        extra={"path": exchange.route.upstream_path})
+        extra={"path": exchange.route.upstream_path,
+               **({RULES_CHANGED: True} if exchange.rules_changed else {})})
     entry = stored_entry(forward.storage, existing, fresh, recording, forward.position)
     rules = state.settings.policy_for(exchange.cassette).rules
     entry = replace(entry, rules=rules.describe())

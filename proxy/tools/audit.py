@@ -20,7 +20,7 @@ import orjson
 from yarl import URL
 
 from ..core import fingerprints
-from ..core.cassette import Drift, Entry, Recording
+from ..core.cassette import RULES_CHANGED, Drift, Entry, Recording
 from ..core.errors import ProxyError
 from ..core.providers import Provider, Route, parse_route
 from ..core.routes import RouteClass, route_class
@@ -195,10 +195,10 @@ async def verify(items: Sequence[tuple[str, Entry]], settings: Settings,
                                         "resource upstream")
             changed_by = sorted(kind for kind in ("mask", "ignore_path", "redact")
                                 if entry.rules.get(kind))
-            if changed_by:
+            if entry.extra.get(RULES_CHANGED) is True:
                 # The stored request holds placeholders (or lacks fields): not what was sent,
                 # so the provider's answer to it would say nothing about drift.
-                rules = ", ".join("--" + kind.replace("_", "-") for kind in changed_by)
+                rules = ", ".join("--" + kind.replace("_", "-") for kind in changed_by) or "rules"
                 return verdict(SKIPPED, f"keyed under {rules}: the stored request is not the one "
                                         "that was sent; re-record it (--mode refresh) instead")
             request = resend(entry)
