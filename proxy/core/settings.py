@@ -7,22 +7,28 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .canonical import KeyPolicy
+from .defaults import (
+    DEFAULT_CACHE_MB,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_ANSWER,
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_PORT,
+    DEFAULT_UPSTREAM_TIMEOUT,
+    DEFAULT_UPSTREAM_TOTAL_TIMEOUT,
+    OPENAI_UPSTREAM,
+)
 from .explain import COMMAND_LINE, OptionSpelling
 from .modes import Mode
 from .routes import SequencePolicy
 from .rules import Rules
 
-DEFAULT_PORT = 8787
-DEFAULT_MAX_BODY = 32 * 1024 * 1024
-# Larger answers are passed through but not stored: a cassette is committed and reviewed.
-DEFAULT_MAX_ANSWER = 64 * 1024 * 1024
-DEFAULT_CACHE_MB = 256
-DEFAULT_UPSTREAM_TIMEOUT = 600.0
-# Longer than the openai SDK's own 10-minute default, so the proxy never gives up first.
-DEFAULT_UPSTREAM_TOTAL_TIMEOUT = 900.0
-DEFAULT_HEADER_TIMEOUT = 15.0
-DEFAULT_MAX_CONNECTIONS = 1024
-OPENAI_UPSTREAM = "https://api.openai.com"
+__all__ = [
+    "DEFAULT_CACHE_MB", "DEFAULT_HEADER_TIMEOUT", "DEFAULT_MAX_ANSWER", "DEFAULT_MAX_BODY",
+    "DEFAULT_MAX_CONNECTIONS", "DEFAULT_PORT", "DEFAULT_UPSTREAM_TIMEOUT",
+    "DEFAULT_UPSTREAM_TOTAL_TIMEOUT", "OPENAI_UPSTREAM", "ReplayTiming", "Settings",
+    "parse_age",
+]
 
 
 @dataclass(frozen=True)

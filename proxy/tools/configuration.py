@@ -1,8 +1,9 @@
 """One configuration: every option of `replay-proxy serve`, and where its value comes from.
 
-The options are declared once, in `_SERVE_OPTIONS`; `serve` and `run` wear them as one
-decorator (`serve_options`), and the pytest plugin turns the same list into `--replay-*`
-options and `replay_*` ini keys. A value comes from, first found:
+The options are declared once, as plain data, in `options.SERVE_OPTIONS`; here they become click
+options, which `serve` and `run` wear as one decorator (`serve_options`), and the pytest plugin
+turns the same table into `--replay-*` options and `replay_*` ini keys. A value comes from,
+first found:
 
 1. the command line: `--mode replay` (pytest: `--replay-mode replay`);
 2. the environment: `REPLAY_PROXY_MODE=replay` (space-separated for repeatable options);
@@ -11,7 +12,7 @@ options and `replay_*` ini keys. A value comes from, first found:
 4. the option's default.
 
 click does the work: each option gets its `REPLAY_PROXY_` variable, and the file becomes the
-command's `default_map`, so an option added to `_SERVE_OPTIONS` (with a `Settings` field of the
+command's `default_map`, so an option added to `SERVE_OPTIONS` (with a `Settings` field of the
 same name) is configurable everywhere with no further code. Keys in the file are the long option
 names, with dashes or underscores; repeatable options take lists; a relative path in the file is
 relative to the file's folder.
@@ -29,43 +30,38 @@ import click
 
 from ..core.canonical import KeyPolicy
 from ..core.errors import ProxyError
+from ..core.explain import PYTEST_OPTIONS
 from ..core.modes import Mode
 from ..core.providers import validate_cassette_name
 from ..core.routes import SequencePolicy
 from ..core.rules import RuleError, Rules
-from ..core.settings import (
-    DEFAULT_CACHE_MB,
-    DEFAULT_HEADER_TIMEOUT,
-    DEFAULT_MAX_ANSWER,
-    DEFAULT_MAX_BODY,
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_PORT,
-    DEFAULT_UPSTREAM_TOTAL_TIMEOUT,
-    OPENAI_UPSTREAM,
-    ReplayTiming,
-    Settings,
-    parse_age,
+from ..core.settings import ReplayTiming, Settings, parse_age
+from .options import (
+    DUMMY_API_KEY,
+    ENV_PREFIX,
+    KEY_POLICY_OPTIONS,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    LOOPS,
+    NOT_FOR_PYTEST,
+    PROCESS_OPTIONS,
+    RUN_OPTIONS,
+    SECRET_OPTIONS,
+    SERVE_OPTIONS,
+    SHARED_OPTIONS,
+    OptionSpec,
+    PytestInputs,
 )
 
-ENV_PREFIX = "REPLAY_PROXY_"
-CONFIG_FILE = "replay-proxy.toml"
-# The same as server/serving.LOOPS (a test keeps them equal): reading the options must not
-# import the server, since the pytest plugin reads them at every start.
-LOOPS = ("auto", "uvloop", "asyncio")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMATS = ("text", "json")
-DUMMY_API_KEY = "sk-replay-proxy-dummy"
+__all__ = [
+    "CONFIG_FILE", "DUMMY_API_KEY", "ENV_PREFIX", "LOG_FORMATS", "LOG_LEVELS", "LOOPS",
+    "PROCESS_OPTIONS", "SECRET_OPTIONS", "SHARED_OPTIONS", "ConfigError", "ConfigFile",
+    "checked_defaults", "default_maps", "env_name", "file_parameters", "find_config",
+    "long_name", "plugin_settings", "read_config", "run_options", "serve_options",
+    "serve_parameters", "settings_from", "unplumbed", "with_environment",
+]
 
-# How the proxy process runs, not how it answers: not part of Settings.
-PROCESS_OPTIONS = frozenset({"host", "port", "workers", "loop_choice", "log_level", "log_format"})
-# The options that build Settings.key_policy.
-KEY_POLICY_OPTIONS = ("ignore_field", "match_field", "match_header", "mask", "ignore_path",
-                      "redact")
-# Options the other commands (ls, verify, ...) share with serve, so one file configures them too.
-SHARED_OPTIONS = frozenset({"cassettes", "store", "openai_upstream", "azure_upstream",
-                            "openai_api_key", "azure_api_key", "max_age", "redact"})
-# Credentials come from the environment only: a configuration file is committed.
-SECRET_OPTIONS = frozenset({"openai_api_key", "azure_api_key", "auth_token"})
+CONFIG_FILE = "replay-proxy.toml"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -109,107 +105,44 @@ def _timing(_ctx: click.Context, _param: click.Parameter, value: str | ReplayTim
         raise click.BadParameter(str(exc)) from exc
 
 
-_SERVE_OPTIONS: tuple[Callable[[Any], Any], ...] = (
-    click.option("--host", default="127.0.0.1", show_default=True,
-                 help="Address to bind. Anything but loopback requires --auth-token."),
-    click.option("--port", default=DEFAULT_PORT, show_default=True, type=int,
-                 help="Port to listen on (run: a free port unless given on its command line)."),
-    click.option("--mode", type=click.Choice([m.value for m in Mode]), default="auto",
-                 show_default=True, callback=_mode,
-                 help="record: replay hits, record misses; replay: never reach upstream; "
-                      "refresh: record everything again; passthrough: store nothing; "
-                      "auto: replay when CI is true, else record."),
-    click.option("--cassettes", type=click.Path(path_type=Path), default=Path("cassettes"),
-                 show_default=True, help="Root folder of the cassettes."),
-    click.option("--cassette", "default_cassette", default="default", show_default=True,
-                 callback=_cassette_name, help="Cassette for requests that name none."),
-    click.option("--openai-upstream", default=OPENAI_UPSTREAM, show_default=True,
-                 help="Where OpenAI requests are forwarded when recording."),
-    click.option("--azure-upstream", envvar="AZURE_OPENAI_ENDPOINT", default=None,
-                 help="Your Azure OpenAI endpoint, where Azure requests are forwarded."),
-    click.option("--store", default=None,
-                 help="Where recordings live: a directory (default: --cassettes), "
-                      "diskcache:PATH or redis://..."),
-    click.option("--record-errors", is_flag=True,
-                 help="Also store non-2xx answers (never 5xx, 429 or timeouts)."),
-    click.option("--ignore-field", multiple=True,
-                 help="Body field left out of the key (repeatable)."),
-    click.option("--match-field", multiple=True,
-                 help="Body field put back into the key, e.g. user (repeatable)."),
-    click.option("--match-header", multiple=True,
-                 help="Request header made part of the key (repeatable)."),
-    click.option("--mask", multiple=True, metavar="[PATH:]NAME_OR_REGEX[=PLACEHOLDER]",
-                 help="Replace what changes every run inside the body's strings before keying: "
-                      "iso-date, iso-datetime, uuid, unix-ts, hex-id, tmp-path, or a regex "
-                      "(repeatable; 'messages[*].content:iso-date' limits it to a path)."),
-    click.option("--ignore-path", multiple=True, metavar="PATH",
-                 help="Nested body field left out of the key, e.g. metadata.trace_id or "
-                      "messages[*].name (repeatable)."),
-    click.option("--redact", multiple=True, metavar="NAME_OR_REGEX",
-                 help="Replace matches with [REDACTED] in the key, the stored request and the "
-                      "stored answers: email, phone, or a regex (repeatable)."),
-    click.option("--max-age", default=None, callback=age_option, metavar="AGE",
-                 help="Recordings older than this (30d, 12h, ...) are stale: record mode records "
-                      "them again, replay mode still replays them and counts them."),
-    click.option("--max-body", default=DEFAULT_MAX_BODY, show_default=True, type=int,
-                 help="Largest request body accepted, in bytes (larger: 413)."),
-    click.option("--fingerprint", default="pinned", show_default=True,
-                 help="Which recording to replay: pinned, latest, or a system_fingerprint "
-                      "value."),
-    click.option("--replay-timing", default="none", show_default=True, callback=_timing,
-                 help="Stream replay pace: none, recorded, or a speed such as 2x."),
-    click.option("--inject-seed", type=int, default=None,
-                 help="Add seed N to chat/completions requests without one (changes their "
-                      "key)."),
-    click.option("--openai-api-key", envvar="OPENAI_API_KEY", default=None,
-                 help="Key the proxy sends to OpenAI instead of the client's."),
-    click.option("--azure-api-key", envvar="AZURE_OPENAI_API_KEY", default=None,
-                 help="Key the proxy sends to Azure OpenAI instead of the client's."),
-    click.option("--auth-token", default=None,
-                 help="Token clients must present as their API key; required off loopback."),
-    click.option("--upstream-timeout", default=600.0, show_default=True, type=float,
-                 help="Seconds to wait for upstream data before answering 504."),
-    click.option("--upstream-total-timeout", default=DEFAULT_UPSTREAM_TOTAL_TIMEOUT,
-                 show_default=True, type=click.FloatRange(min=0, min_open=True),
-                 help="Seconds one upstream call may take in all, answer included (504 past "
-                      "it)."),
-    click.option("--max-answer", default=DEFAULT_MAX_ANSWER, show_default=True,
-                 type=click.IntRange(min=1),
-                 help="Largest answer stored, in bytes; a larger one is passed through, not "
-                      "stored."),
-    click.option("--cache-mb", default=DEFAULT_CACHE_MB, show_default=True,
-                 type=click.IntRange(min=0),
-                 help="Memory for cached entries, replies and miss indexes, in MiB (per "
-                      "worker)."),
-    click.option("--header-timeout", default=DEFAULT_HEADER_TIMEOUT, show_default=True,
-                 type=click.FloatRange(min=0, min_open=True),
-                 help="Seconds a client may take to send a request's head; then it is closed."),
-    click.option("--max-connections", default=DEFAULT_MAX_CONNECTIONS, show_default=True,
-                 type=click.IntRange(min=1),
-                 help="Open client connections per worker; past it, new ones get a 503."),
-    click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
-                 help="Processes serving the same port (SO_REUSEPORT), sharing the store."),
-    click.option("--loop", "loop_choice", type=click.Choice(LOOPS), default="auto",
-                 show_default=True, help="Event loop: auto takes uvloop when it is installed."),
-    click.option("--sequence", type=click.Choice([policy.value for policy in SequencePolicy]),
-                 default=SequencePolicy.STATEFUL.value, show_default=True, callback=_sequence,
-                 help="Which keys replay their recordings in order (the n-th identical "
-                      "request gets the n-th answer): stateful routes (files, batches, polls, "
-                      "...), all routes, or none."),
-    click.option("--log-level", type=click.Choice(LOG_LEVELS), default="warning",
-                 show_default=True,
-                 help="info: one line per request (method, path, cassette, key, status, ms)."),
-    click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text",
-                 show_default=True, help="json: one JSON object per line."),
-)
+_CONVERSIONS: dict[str, Callable[[click.Context, click.Parameter, Any], Any]] = {
+    "mode": _mode, "sequence": _sequence, "timing": _timing, "cassette": _cassette_name,
+    "age": age_option,
+}
 
 
-# run's own options: also valid in the file, where serve and the pytest plugin ignore them.
-_RUN_OPTIONS: tuple[Callable[[Any], Any], ...] = (
-    click.option("--allow-misses", is_flag=True,
-                 help="Exit with the command's own code even when requests missed their "
-                      "recording or a recording could not be stored."),
-)
+def _click_type(spec: OptionSpec) -> click.ParamType[Any, Any] | None:
+    bounded = spec.low is not None or spec.high is not None
+    if spec.kind == "int":
+        low, high = (None if bound is None else int(bound) for bound in (spec.low, spec.high))
+        return click.IntRange(low, high, min_open=spec.low_open) if bounded else click.INT
+    if spec.kind == "float":
+        return (click.FloatRange(spec.low, spec.high, min_open=spec.low_open) if bounded
+                else click.FLOAT)
+    if spec.kind == "path":
+        return click.Path(path_type=Path)
+    if spec.choices:
+        return click.Choice(spec.choices)
+    return None
+
+
+def click_option(spec: OptionSpec) -> click.Option:
+    """The click option of one row of the table."""
+    default: Any = Path(str(spec.default)) if spec.kind == "path" else spec.default
+    return click.Option(
+        [spec.flag, spec.name], type=_click_type(spec), default=default,
+        is_flag=spec.is_flag or None, multiple=spec.multiple, help=spec.help,
+        show_default=spec.show_default or None, envvar=spec.envvar, metavar=spec.metavar,
+        callback=_CONVERSIONS.get(spec.kind),
+    )
+
+
+def _decorated(command: F, specs: Iterable[OptionSpec]) -> F:
+    params = [with_environment(click_option(spec)) for spec in specs]
+    # What click.option does: the decorator collects parameters in reverse order.
+    existing = getattr(command, "__click_params__", [])
+    command.__click_params__ = existing + list(reversed(params))  # type: ignore[attr-defined]
+    return command
 
 
 def long_name(param: click.Parameter) -> str:
@@ -236,39 +169,23 @@ def with_environment(param: click.Parameter) -> click.Parameter:
 
 def serve_options(command: F) -> F:
     """Every option of `serve`, each with its variable: `serve` and `run` both wear this."""
-    for option in reversed(_SERVE_OPTIONS):
-        command = option(command)
-    for param in getattr(command, "__click_params__", []):
-        with_environment(param)
-    return command
+    return _decorated(command, SERVE_OPTIONS)
 
 
 def run_options(command: F) -> F:
     """run's own options, with their variables; `run` wears these and `serve_options`."""
-    for option in reversed(_RUN_OPTIONS):
-        command = option(command)
-    for param in getattr(command, "__click_params__", []):
-        with_environment(param)
-    return command
+    return _decorated(command, RUN_OPTIONS)
 
 
 def serve_parameters() -> list[click.Parameter]:
     """Fresh copies of serve's options, in the order `--help` shows them."""
-
-    def options() -> None:
-        """A holder for the options."""
-
-    return list(reversed(getattr(serve_options(options), "__click_params__", [])))
+    return [with_environment(click_option(spec)) for spec in SERVE_OPTIONS]
 
 
 def file_parameters() -> list[click.Parameter]:
     """Every option a configuration file may set: serve's and run's."""
-
-    def options() -> None:
-        """A holder for the options."""
-
     return [*serve_parameters(),
-            *reversed(getattr(run_options(options), "__click_params__", []))]
+            *(with_environment(click_option(spec)) for spec in RUN_OPTIONS)]
 
 
 def unplumbed(params: Iterable[click.Parameter]) -> list[str]:
@@ -291,6 +208,46 @@ def settings_from(params: Mapping[str, Any], **fixed: Any) -> Settings:
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--ignore-field") from exc
     return Settings(**{**values, "key_policy": policy, **fixed})
+
+
+# ---- the pytest plugin's options ----------------------------------------------------------
+
+def pytest_specs() -> list[OptionSpec]:
+    """serve's options as far as they apply in pytest, credentials included (they come from
+    the environment only: the plugin gives them no flag and no ini key)."""
+    return [spec for spec in SERVE_OPTIONS if spec.name not in NOT_FOR_PYTEST]
+
+
+def plugin_settings(inputs: PytestInputs, replay_config: Mapping[str, Any]
+                    ) -> tuple[Settings, str]:
+    """(Settings, log level) for pytest tests with this `replay_config`: the command line, then
+    the environment, then `replay_config`, the ini file, [tool.replay-proxy], and serve's
+    defaults. A bad value raises a click exception that names where it came from."""
+    import os
+
+    options = [with_environment(click_option(spec)) for spec in pytest_specs()]
+    applies = {option.name for option in options}
+    invocation = Path(inputs.invocation_dir)
+    named = os.environ.get("REPLAY_PROXY_CONFIG")
+    file = read_config(Path(named)) if named else find_config(invocation)
+    # The file is checked as the command checks it; options that make no sense in pytest
+    # (port, workers, allow_misses, ...) are then left out.
+    file_defaults = (checked_defaults(file_parameters(), file.values, file.where,
+                                      file.path.parent) if file is not None else {})
+    file_defaults = {name: value for name, value in file_defaults.items() if name in applies}
+    ini_defaults = checked_defaults(options, dict(inputs.ini),
+                                    f"the pytest ini file {inputs.ini_file}",
+                                    Path(inputs.ini_base))
+    own = checked_defaults(options, replay_config, "replay_config", invocation)
+    command = click.Command("pytest", params=options)
+    context = command.make_context("pytest", list(inputs.args),
+                                   default_map={**file_defaults, **ini_defaults, **own})
+    params = dict(context.params)
+    if context.get_parameter_source("cassettes") is click.core.ParameterSource.DEFAULT:
+        params["cassettes"] = Path(inputs.rootdir) / "cassettes"
+    params["cassettes"] = invocation / params["cassettes"]
+    settings = settings_from(params, option_spelling=PYTEST_OPTIONS, run_id=inputs.run_id)
+    return settings, str(params["log_level"])
 
 
 # ---- the configuration file ------------------------------------------------------------------
