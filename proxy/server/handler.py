@@ -10,6 +10,7 @@ import logging
 import math
 import os
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, assert_never
 from urllib.parse import unquote
 
@@ -55,6 +56,7 @@ from .connections import ConnectionLimits, ProxyConnection, ProxyServer, descrip
 from .flights import ClientGone, Flight, FlightCut
 from .recorder import Exchange, pump, replay_headers
 from .serving import loop_name
+from .sessions import COUNTING, MAX_FINGERPRINT, MissLog, SessionRecord
 from .state import HotKey, HotReply, ProxyState
 from .upstream import UPSTREAM_CONNECTIONS, Upstream, client_timeout
 from .usage import UsageLog, new_run_id
@@ -77,13 +79,14 @@ class ReplayProxy:
     """
 
     def __init__(self, settings: Settings, environ: dict[str, str] | None = None,
-                 store: Store | None = None) -> None:
+                 store: Store | None = None, miss_log: Path | None = None) -> None:
         environ = dict(os.environ) if environ is None else environ
         self.state = ProxyState(
             settings=settings,
             store=store if store is not None else open_store(settings.store_spec),
             mode=resolve_mode(settings.mode, environ),
             default_session=settings.run_id or new_run_id(),
+            miss_log=MissLog(miss_log) if miss_log is not None else None,
         )
         self._session: aiohttp.ClientSession | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -124,6 +127,7 @@ class ReplayProxy:
 
     async def stop(self) -> None:
         state = self.state
+        await state.stop_warming()
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
@@ -134,6 +138,8 @@ class ReplayProxy:
         if self._session is not None:
             await self._session.close()
         await state.store.close()
+        if state.miss_log is not None:
+            state.miss_log.close()
 
 
 class ProxyRunner(web.BaseRunner):
@@ -180,13 +186,22 @@ def error_response(exc: ProxyError, headers: dict[str, str] | None = None) -> we
 _INTERNAL_PREFIX = "/_replay/"
 
 
+_SESSIONS_PREFIX = "/_replay/sessions/"
+_MAX_WARM_BODY = 8 * 1024 * 1024
+
+
 async def _internal(state: ProxyState, request: web.BaseRequest) -> web.Response:
-    """The proxy's own endpoints: GET /_replay/health, GET /_replay/stats, and
-    POST /_replay/reset[?session=ID] (the default session unless one is named)."""
+    """The proxy's own endpoints: GET /_replay/health, GET /_replay/stats,
+    POST /_replay/reset[?session=ID] (the default session unless one is named),
+    GET and PUT /_replay/sessions/<id> (a session's counters; its own mode and fingerprint),
+    and POST /_replay/warm (cassettes to read ahead)."""
     route = (request.method, request.path)
+    if request.path.startswith(_SESSIONS_PREFIX):
+        return await _session_endpoint(state, request)
     if route == ("GET", "/_replay/health"):
         payload: object = {"status": "ok", "mode": state.mode.value,
                            "store": state.store.description,
+                           "cassettes": str(state.settings.cassettes),
                            "loop": loop_name(asyncio.get_running_loop()),
                            "pid": os.getpid(), "session": state.default_session}
     elif route == ("GET", "/_replay/stats"):
@@ -196,12 +211,65 @@ async def _internal(state: ProxyState, request: web.BaseRequest) -> web.Response
         session = validate_session_name(named) if named is not None else state.default_session
         await state.store.reset_session(session)
         payload = {"session": session, "reset": True}
+    elif route == ("POST", "/_replay/warm"):
+        names = _json_body(await request.read(), _MAX_WARM_BODY).get("cassettes")
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise ProxyError('POST /_replay/warm takes {"cassettes": ["name", ...]}.',
+                             code="invalid_warm")
+        payload = {"queued": state.warm(validate_cassette_name(name) for name in names)}
     else:
         raise ProxyError(
             f"Invalid URL ({request.method} {request.path}). replay-proxy's own endpoints are "
-            "GET /_replay/health, GET /_replay/stats and POST /_replay/reset.",
+            "GET /_replay/health, GET /_replay/stats, POST /_replay/reset, "
+            "GET and PUT /_replay/sessions/<id> and POST /_replay/warm.",
             status=404, code="unknown_url")
     return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+
+async def _session_endpoint(state: ProxyState, request: web.BaseRequest) -> web.Response:
+    """GET: the session's counters and last miss, once the flights it started are stored.
+    PUT {"mode": ..., "fingerprint": ...}: how its requests are answered from now on."""
+    name = validate_session_name(request.path.removeprefix(_SESSIONS_PREFIX))
+    if request.method == "GET":
+        record = state.sessions.get(name)
+        if record is None:
+            record = SessionRecord()  # a session that made no request yet: all zero
+        elif record.pumps:
+            await asyncio.wait(set(record.pumps))  # (never cancels them, unlike gather)
+    elif request.method == "PUT":
+        wanted = _json_body(await request.read(), 64 * 1024)
+        mode, fingerprint = wanted.get("mode"), wanted.get("fingerprint")
+        choices = [m.value for m in Mode if m is not Mode.AUTO]
+        if mode is not None and mode not in choices:
+            raise ProxyError(f"A session's mode is one of {', '.join(choices)}, or null.",
+                             code="invalid_session_options", param="mode")
+        if fingerprint is not None and not (isinstance(fingerprint, str)
+                                            and 0 < len(fingerprint) <= MAX_FINGERPRINT):
+            raise ProxyError("A session's fingerprint is pinned, latest or a fingerprint value "
+                             f"of at most {MAX_FINGERPRINT} characters, or null.",
+                             code="invalid_session_options", param="fingerprint")
+        record = state.sessions.record(name)
+        record.mode = Mode(mode) if mode is not None else None
+        record.fingerprint = fingerprint
+        state.forget_hot()  # replies resolved before were resolved for the old options
+    else:
+        raise ProxyError(f"{request.method} {_SESSIONS_PREFIX}<id>: use GET or PUT.",
+                         status=405, code="method_not_allowed")
+    return web.Response(body=orjson.dumps(record.payload(name)),
+                        content_type="application/json")
+
+
+def _json_body(body: bytes, limit: int) -> dict[str, Any]:
+    if len(body) > limit:
+        raise ProxyError(f"The body is larger than {limit} bytes.", status=413,
+                         code="request_too_large")
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ProxyError(f"The body is not JSON ({exc}).", code="invalid_json") from exc
+    if not isinstance(parsed, dict):
+        raise ProxyError("The body is a JSON object.", code="invalid_json")
+    return parsed
 
 
 async def _handle(state: ProxyState, request: web.BaseRequest) -> web.StreamResponse:
@@ -219,6 +287,10 @@ async def _handle(state: ProxyState, request: web.BaseRequest) -> web.StreamResp
             hot.counts["hot_hits"] += 1  # answered without parsing or keying
             if hot.tokens:
                 hot.counts["tokens_replayed"] += hot.tokens
+            if hot.session_counts is not None:
+                hot.session_counts["hits"] += 1
+                if hot.tokens:
+                    hot.session_counts["tokens_replayed"] += hot.tokens
             recording = hot.recording
             if recording.events is None:
                 return web.Response(status=recording.status, body=recording.body,
@@ -264,6 +336,10 @@ async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
     if request.path.startswith(_INTERNAL_PREFIX):
         return await _internal(state, request)
     cassette, session, route, query = _locate(request, state)
+    # Every count made for this request, in its flight's pump too, also goes to its session
+    # (aiohttp gives each request a task of its own: this is set for this request only).
+    record = state.sessions.record(session) if session != state.default_session else None
+    COUNTING.set(record)
     # aiohttp has already decoded a compressed request body: key and forward it as plain bytes.
     headers = {name.lower(): value for name, value in request.headers.items()
                if name.lower() != "content-encoding"}
@@ -272,8 +348,8 @@ async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
     keyed = keyed_request(incoming, settings.policy_for(cassette))
     canonical, key = keyed.canonical, keyed.key
     base_headers = {"X-Replay-Key": key, "X-Replay-Cassette": cassette}
-    mode = state.mode_for(cassette)
-    policy = state.fingerprint_for(cassette, headers.get(FINGERPRINT_HEADER))
+    mode = state.mode_for(cassette, record)
+    policy = state.fingerprint_for(cassette, headers.get(FINGERPRINT_HEADER), record)
     klass = route_class(request.method, route.route, canonical.get("body"))
     sequenced = mode is not Mode.PASSTHROUGH and is_sequenced(klass, settings.sequence)
     entry = None
@@ -294,8 +370,9 @@ async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
             if decision.stale:  # older than --max-age: replayed, and counted for the summary
                 state.count(cassette, "stale")
             elif decision.position is None:  # an answer that never changes: answer it at once
-                state.remember_hot(hot_key, HotReply(cassette, key, recording, reply_headers,
-                                                     tokens, state.counts_for(cassette)))
+                state.remember_hot(hot_key, HotReply(
+                    cassette, key, recording, reply_headers, tokens, state.counts_for(cassette),
+                    session_counts=record.counts if record is not None else None))
             _count_hit(state, cassette, key, tokens)
             return await _replay(state, request, recording, reply_headers)
         case Miss():
@@ -303,7 +380,7 @@ async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
                 await state.store.release_occurrence(session, cassette, key)
             state.count(cassette, "misses")
             error = await _miss_error(state, decision, cassette, session, keyed, route)
-            state.last_miss[cassette] = error.message
+            state.note_miss(cassette, session, record, error.message)
             return error_response(error, {**base_headers, "X-Replay-Status": "miss"})
         case Forward() | Passthrough():
             forward = decision if isinstance(decision, Forward) else None
@@ -321,6 +398,9 @@ async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
             else:  # the n-th request of a sequence: one upstream call per occurrence
                 flight_name = f"{cassette}\x1f{key}\x1f{occurrence}"
             flight = state.flights.join(flight_name, lambda flight: pump(state, exchange, flight))
+            if record is not None and flight.followers == 1 and flight.pump is not None:
+                record.pumps.add(flight.pump)  # this session's: its counters wait for it
+                flight.pump.add_done_callback(record.pumps.discard)
             response = await _follow(state, request, flight, base_headers)
             if occurrence is not None and not _joined_sequence(flight):
                 # Not stored (an upstream error, a cut): a retry takes this place instead.

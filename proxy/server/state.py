@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-from collections import Counter
+import asyncio
+import contextlib
+import os
+from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
 import orjson
 
-from ..core.cassette import Entry, Recording
+from ..core.cassette import Entry, Recording, is_key, is_label
+from ..core.errors import ProxyError
 from ..core.modes import Mode
 from ..core.settings import Settings
 from ..store import Store
+from ..store.directory import DirectoryStore
+from ..store.diskcache_store import DiskcacheStore
 from .flights import SingleFlight
 from .misses import MissIndex
+from .sessions import COUNTING, MissLog, SessionRecord, Sessions
 from .upstream import Upstream
 from .usage import UsageLog, new_run_id
 
@@ -25,6 +33,10 @@ ENTRIES_SHARE, HOT_SHARE, INDEX_SHARE = 0.4, 0.4, 0.2
 # Cassettes whose counters are kept one by one; older ones are folded into `retired`, so the
 # totals stay whole however many cassette names clients make up.
 COUNTED_CASSETTES = 4096
+# Cassettes a proxy may be asked to read ahead (`warm`), and the share of the entries' memory
+# they may fill: the rest stays for what requests read.
+MAX_WARM_CASSETTES = 100_000
+WARM_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,7 @@ class HotReply:
     tokens: int
     counts: Counter[str]  # the cassette's counters, so a hit counts itself without lookups
     size: int = 0  # bytes it holds, with its key: set by remember_hot
+    session_counts: Counter[str] | None = None  # the named session's, likewise
 
 
 def recording_size(recording: Recording) -> int:
@@ -85,6 +98,11 @@ class ProxyState:
     _entries: dict[tuple[str, str], tuple[Entry, int]] = field(default_factory=dict)
     _entries_bytes: int = 0
     misses: MissIndex = field(init=False)
+    sessions: Sessions = field(default_factory=Sessions)
+    miss_log: MissLog | None = None
+    _warm_queue: deque[str] = field(default_factory=deque)
+    _warm_seen: set[str] = field(default_factory=set)
+    _warming: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         self.misses = MissIndex(self.store, int(self.settings.cache_mb * MIB * INDEX_SHARE))
@@ -92,7 +110,7 @@ class ProxyState:
     @cached_property
     def hot_headers(self) -> tuple[str, ...]:
         """Request headers that can change how an identical body is answered."""
-        return ("x-replay-cassette", "x-replay-fingerprint", "content-type",
+        return ("x-replay-cassette", "x-replay-session", "x-replay-fingerprint", "content-type",
                 *sorted(self.settings.key_policy.matched_headers))
 
     def set_override(self, cassette: str, options: CassetteOptions) -> None:
@@ -144,6 +162,18 @@ class ProxyState:
 
     def count(self, cassette: str, event: str, amount: int = 1) -> None:
         self.counts_for(cassette)[event] += amount
+        session = COUNTING.get()
+        if session is not None:
+            session.counts[event] += amount
+
+    def note_miss(self, cassette: str, session: str, record: SessionRecord | None,
+                  message: str) -> None:
+        """A miss answered: kept for its cassette and session, and written to the miss log."""
+        self.last_miss[cassette] = message
+        if record is not None:
+            self.sessions.note_miss(record, message)
+        if self.miss_log is not None:
+            self.miss_log.write(session, cassette, message)
 
     @property
     def totals(self) -> Counter[str]:
@@ -152,13 +182,18 @@ class ProxyState:
             summed.update(counts)
         return summed
 
-    def mode_for(self, cassette: str) -> Mode:
+    def mode_for(self, cassette: str, session: SessionRecord | None = None) -> Mode:
+        if session is not None and session.mode is not None:
+            return session.mode
         override = self.overrides.get(cassette)
         return override.mode if override and override.mode else self.mode
 
-    def fingerprint_for(self, cassette: str, requested: str | None) -> str:
+    def fingerprint_for(self, cassette: str, requested: str | None,
+                        session: SessionRecord | None = None) -> str:
         if requested:
             return requested
+        if session is not None and session.fingerprint:
+            return session.fingerprint
         override = self.overrides.get(cassette)
         return override.fingerprint if override and override.fingerprint else self.settings.fingerprint
 
@@ -188,6 +223,66 @@ class ProxyState:
             self._entries_bytes -= self._entries.pop(next(iter(self._entries)))[1]
         self._entries[name] = (entry, size)
         self._entries_bytes += size
+
+    def warm(self, cassettes: Iterable[str]) -> int:
+        """Read these cassettes' entries into memory ahead of the requests for them (the pytest
+        plugin names its suite's), on the event loop one key at a time, so that a request
+        arriving meanwhile waits for one file at most. Stops at WARM_SHARE of the entries'
+        memory; returns how many cassettes were queued."""
+        queued = 0
+        for name in cassettes:
+            if name in self._warm_seen or len(self._warm_seen) >= MAX_WARM_CASSETTES:
+                continue
+            self._warm_seen.add(name)
+            self._warm_queue.append(name)
+            queued += 1
+        if self._warm_queue and (self._warming is None or self._warming.done()):
+            self._warming = asyncio.get_running_loop().create_task(self._warm_queued())
+        return queued
+
+    async def _warm_queued(self) -> None:
+        room = self._warm_room
+        while self._warm_queue:
+            cassette = self._warm_queue.popleft()
+            for entry_name in await self._names(cassette):
+                await asyncio.sleep(0)  # whatever arrived meanwhile goes first
+                if self._entries_bytes >= room:
+                    self._warm_queue.clear()
+                    return
+                label, key = entry_name
+                # A file that cannot be read is reported to the request that asks for it.
+                with contextlib.suppress(ProxyError, OSError):
+                    await self.entry(cassette, key, label)
+
+    @property
+    def _warm_room(self) -> int:
+        return int(self._budget * ENTRIES_SHARE * WARM_SHARE)
+
+    async def _names(self, cassette: str) -> list[tuple[str, str]]:
+        """(label, key) of a cassette's entries, without reading them where the store allows."""
+        store = self.store
+        if isinstance(store, DirectoryStore):
+            try:
+                with os.scandir(store.root / cassette) as found:
+                    stems = [item.name[:-5] for item in found
+                             if item.name.endswith(".json") and not item.name.startswith(".")]
+            except (OSError, ValueError):
+                return []
+            names = [stem.rpartition("-") for stem in sorted(stems)]
+            return [(label, key) for label, _, key in names if is_key(key) and is_label(label)]
+        if isinstance(store, DiskcacheStore):
+            return []  # its listing reads every entry, off the loop only: not worth it here
+        with contextlib.suppress(ProxyError):
+            for item in await store.items(cassette):
+                if item.entry is not None and self._entries_bytes < self._warm_room:
+                    self.remember(cassette, item.entry, changed=False)
+        return []
+
+    async def stop_warming(self) -> None:
+        self._warm_queue.clear()
+        if self._warming is not None:
+            self._warming.cancel()
+            await asyncio.gather(self._warming, return_exceptions=True)
 
     def memory(self) -> dict[str, int]:
         """What the caches hold, in estimated bytes and items, for /_replay/stats."""
