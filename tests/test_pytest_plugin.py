@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import orjson
 import pytest
 from replay_proxy.tools.testing import SimulatorThread
 
@@ -340,3 +348,271 @@ class {klass}:
     for folder, klass in (("a", "TestA"), ("b", "TestB")):
         recorded = pytester.path / "cassettes" / "tests" / folder / "test_x" / klass / "test_call-1"
         assert len(list(recorded.glob("chat.completions-*.json"))) == 1
+
+
+PID_TESTS = '''
+import json
+import os
+import urllib.request
+
+import pytest
+
+
+@pytest.mark.replay
+@pytest.mark.parametrize("n", range(4))
+def test_note_the_proxy(n, replay_proxy):
+    with urllib.request.urlopen(replay_proxy.proxy_url + "/_replay/health") as answer:
+        pid = json.load(answer)["pid"]
+    with open(os.environ["PIDS"], "a") as pids:
+        pids.write(f"{pid}\\n")
+    if os.environ.get("HANG"):
+        import time
+        time.sleep(60)
+'''
+OWN_CONFIG = ("import pytest\n\n@pytest.fixture\ndef replay_config():\n"
+              "    return {'record_errors': True}\n")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _gone(pids: set[int], timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _pids(path: Path) -> set[int]:
+    return {int(line) for line in path.read_text().split()} if path.exists() else set()
+
+
+def test_the_proxy_lives_exactly_as_long_as_the_session(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One proxy process for the session, shared by the xdist workers; a directory with a
+    replay_config of its own gets one per worker; all stop when the session ends, and when
+    pytest is killed."""
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(test_shared=PID_TESTS)
+    own = pytester.mkpydir("own")
+    (own / "conftest.py").write_text(OWN_CONFIG)
+    (own / "test_own.py").write_text(PID_TESTS)
+    monkeypatch.delenv("CI", raising=False)
+    for run, selection in enumerate(([], ["-n", "2"])):
+        pids = pytester.path / f"pids-{run}"
+        monkeypatch.setenv("PIDS", str(pids))
+        result = pytester.runpytest_subprocess("--replay-mode", "replay",
+                                               "-p", "no:cacheprovider", *selection)
+        result.assert_outcomes(passed=8)
+        seen = _pids(pids)
+        # The shared one, and one more for the other configuration (in each worker that ran
+        # its tests); none is left once pytest is done.
+        assert 2 <= len(seen) <= (2 if not selection else 3), seen
+        assert _gone(seen, timeout=2.0), f"proxies left running: {seen}"
+
+    for run, selection in enumerate(([], ["-n", "2"])):
+        pids = pytester.path / f"hung-{run}"
+        environ = {**os.environ, "PIDS": str(pids), "HANG": "1"}
+        # A process group of its own, so that the xdist workers a killed controller leaves
+        # behind can be cleaned up afterwards.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "test_shared.py", "--replay-mode", "replay",
+             "-p", "no:cacheprovider", *selection], cwd=pytester.path, env=environ,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not _pids(pids):
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.05)
+            seen = _pids(pids)
+            assert all(_alive(pid) for pid in seen)
+            os.kill(process.pid, signal.SIGKILL)  # no hook of pytest's runs after this
+            process.wait()
+            assert _gone(seen), f"proxies outlived a killed pytest: {seen}"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_a_suite_that_does_not_use_the_plugin_pays_for_the_option_table_only(
+        pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makeconftest('''
+import sys
+
+def pytest_sessionfinish(session):
+    heavy = [name for name in ("click", "aiohttp", "replay_proxy.server.handler",
+                               "replay_proxy.tools.configuration",
+                               "replay_proxy.tools.proxy_process") if name in sys.modules]
+    assert not heavy, heavy
+    print("light:", "replay_proxy.tools.pytest_plugin" in sys.modules)
+''')
+    pytester.makepyfile(test_plain="def test_one():\n    assert True\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*light: True*"])  # loaded, and nothing heavy with it
+    assert "through the proxy" not in result.stdout.str()  # no summary either
+
+
+def test_recordings_that_could_not_be_stored_fail_the_session(
+        pytester: pytest.Pytester, simulator: SimulatorThread,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(test_app=TEST_FILE.replace("PROMPT", "Name a moon of Mars."))
+    # The test's cassette folder is a link to nowhere: its recording cannot be written.
+    broken = pytester.path / "cassettes" / "test_app"
+    broken.mkdir(parents=True)
+    (broken / "test_fact").symlink_to(pytester.path / "cassettes" / "nowhere" / "at-all")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-recording-key")
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "azure-recording-key")
+    monkeypatch.delenv("CI", raising=False)
+    result = pytester.runpytest_subprocess(
+        "--replay-mode", "record", "--replay-openai-upstream", simulator.url,
+        "--replay-azure-upstream", simulator.url, "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)  # the tests had their answers
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines([
+        "*3 test(s) through the proxy: 0 hit(s), 0 miss(es), 2 recording(s) made, "
+        "3 upstream call(s), 1 store error(s)*",
+        "*could not store the answer for POST chat/completions (cassette test_app/test_fact*",
+        "*replay-proxy: failing the session: 1 recording(s) could not be stored*"])
+
+
+PARTIAL_TESTS = '''
+import pytest
+from openai import OpenAI
+
+
+@pytest.mark.replay
+@pytest.mark.parametrize("topic", ["moons", "rings", "storms"])
+def test_ask(topic):
+    OpenAI().chat.completions.create(
+        model="gpt-4o-mini", seed=1, messages=[{"role": "user", "content": topic}])
+'''
+
+
+def test_a_partial_run_only_reports_what_it_touched_under_one_run_id(
+        pytester: pytest.Pytester, simulator: SimulatorThread,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(test_partial=PARTIAL_TESTS)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-recording-key")
+    monkeypatch.delenv("CI", raising=False)
+    pytester.runpytest_subprocess(
+        "--replay-mode", "record", "--replay-openai-upstream", simulator.url,
+        "-p", "no:cacheprovider").assert_outcomes(passed=3)
+    # A recording that only the moons test's cassette holds, which no request asks for.
+    moons = pytester.path / "cassettes" / "test_partial" / "test_ask-moons"
+    [recorded] = moons.glob("*.json")
+    stale = moons / ("embeddings-" + "0" * 64 + ".json")
+    stale.write_bytes(recorded.read_bytes().replace(
+        recorded.stem.rpartition("-")[2].encode(), b"0" * 64).replace(
+        b'"chat.completions"', b'"embeddings"'))
+    simulator.stop()
+    monkeypatch.delenv("OPENAI_API_KEY")
+    state = pytester.path / "cassettes" / ".replay-proxy"
+    runs_before = set((state / "runs").iterdir())
+    usage_before = len((state / "usage.jsonl").read_bytes().splitlines())
+    for selection in (["-k", "rings"], ["-k", "moons or storms", "-n", "2"]):
+        result = pytester.runpytest_subprocess("--replay-mode", "replay",
+                                               "-p", "no:cacheprovider", *selection)
+        assert result.ret == 0, result.stdout.str()
+        output = result.stdout.str()
+        if "moons" in selection[1]:
+            result.stdout.fnmatch_lines(["*1 recording(s) no test used this session*"
+                                         "test_partial/test_ask-moons/embeddings-000*"])
+        else:  # the other tests' recordings are not this run's business
+            assert "no test used" not in output
+    # One run id each, the xdist workers' keys included: `prune` sees two runs.
+    lines = (state / "usage.jsonl").read_bytes().splitlines()[usage_before:]
+    by_run: dict[str, set[str]] = {}
+    for line in map(orjson.loads, lines):
+        by_run.setdefault(line["run"], set()).add(line["cassette"].rpartition("-")[2])
+    assert sorted(by_run.values(), key=len) == [{"rings"}, {"moons", "storms"}]
+    assert {run.stem for run in set((state / "runs").iterdir()) - runs_before} == set(by_run)
+
+
+NORMALISED_TESTS = '''
+import time
+
+import pytest
+from openai import OpenAI
+
+
+@pytest.mark.replay
+def test_ask_with_a_timestamp(replay_proxy):
+    reply = OpenAI(max_retries=0).chat.completions.create(
+        model="gpt-4o-mini", seed=1,
+        messages=[{"role": "system", "content": f"Now is {time.time_ns()}."},
+                  {"role": "user", "content": "Name a moon of Mars."}])
+    assert reply.choices[0].message.content
+'''
+NORMALISE_CONFTEST = '''
+import re
+
+import pytest
+
+
+def drop_the_time(canonical_request):
+    for message in canonical_request["body"]["messages"]:
+        message["content"] = re.sub(r"Now is \\d+", "Now is <time>", message["content"])
+    return canonical_request
+
+
+@pytest.fixture
+def replay_config():
+    return {"normalise": drop_the_time}
+'''
+
+
+def test_a_normalise_function_reaches_the_proxy_of_its_tests(
+        pytester: pytest.Pytester, simulator: SimulatorThread,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A function cannot cross into another process: tests whose replay_config holds one get a
+    proxy in the test process, which keys their requests with it."""
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makeconftest(NORMALISE_CONFTEST)
+    pytester.makepyfile(test_hook=NORMALISED_TESTS + '''
+
+def test_the_hook_is_the_proxys(replay_proxy):
+    from conftest import drop_the_time
+    proxy = replay_proxy.handle.thread.proxy
+    assert proxy.state.settings.key_policy.normalise is drop_the_time
+''')
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-recording-key")
+    monkeypatch.delenv("CI", raising=False)
+    recorded = pytester.runpytest_subprocess(
+        "--replay-mode", "record", "--replay-openai-upstream", simulator.url,
+        "-p", "no:cacheprovider")
+    recorded.assert_outcomes(passed=2)
+    simulator.stop()
+    monkeypatch.delenv("OPENAI_API_KEY")
+    replayed = pytester.runpytest_subprocess("--replay-mode", "replay", "-p", "no:cacheprovider")
+    if "normalise" not in _core_applies_hooks():
+        # The core does not apply KeyPolicy.normalise yet: the replay with a new timestamp
+        # misses. This one assertion waits for it; everything above is the plugin's part.
+        replayed.assert_outcomes(passed=1, failed=1)
+        replayed.stdout.fnmatch_lines(["*had no recording*", "*Now is *"])
+        pytest.xfail("the core does not apply KeyPolicy.normalise yet")
+    replayed.assert_outcomes(passed=2)
+
+
+def _core_applies_hooks() -> str:
+    """'normalise' when canonical_request applies the hook (read from its behaviour)."""
+    from replay_proxy.core.canonical import IncomingRequest, KeyPolicy, canonical_request
+    from replay_proxy.core.providers import parse_route
+
+    route = parse_route("/v1/chat/completions", {})
+    assert route is not None
+    policy = KeyPolicy(normalise=lambda request: {**request, "body": {"hooked": True}})
+    incoming = IncomingRequest("POST", route, (), {"content-type": "application/json"},
+                               b'{"model": "m", "messages": []}')
+    return "normalise" if canonical_request(incoming, policy)["body"] == {"hooked": True} else ""

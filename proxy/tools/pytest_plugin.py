@@ -1,186 +1,473 @@
-"""pytest plugin: every test gets its own cassette through one in-process replay-proxy.
+"""pytest plugin: every test gets its own cassette, and its own session, through replay-proxy.
 
 Installed with the package (entry point `pytest11`). Mark a test with `@pytest.mark.replay` (or
 use the `replay_proxy` fixture) and unchanged application code talks to the proxy: the mark sets
 OPENAI_BASE_URL and AZURE_OPENAI_ENDPOINT for the test. A replay miss fails the test with the
-explanation of what differed.
+explanation of what differed, even if the code under test caught the error.
+
+How it runs (the README's Performance section has the measurements that chose this):
+- One proxy process per test session (`proxy_process`), on uvloop, started when the collected
+  tests need it and shared by the xdist workers (one run id, one usage log). It is told the
+  collected tests' cassettes, and reads them ahead while the tests run.
+- Tests whose `replay_config` differs get a proxy process of their own; a `replay_config` with a
+  Python `normalise` function gets a proxy in the test process, where the function lives.
+- Each test is a session of its own (`/s/<id>/` in its base URL): its sequences start afresh,
+  and its counters are its own, asked of the proxy only when the test reads them.
+- A miss the code under test swallowed is found in the proxy's miss log, a file whose size the
+  plugin looks at after each test: no request to the proxy.
+- Importing this module imports neither click nor the server: a suite that never uses the proxy
+  pays for the option table and nothing more.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
+import contextlib
 import os
 import re
-import uuid
+import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
-from ..core.modes import Mode, resolve_mode
-from ..core.settings import Settings
-from ..server.state import CassetteOptions
-from .testing import ProxyThread
+from .options import (
+    DUMMY_API_KEY,
+    MODES,
+    NOT_FOR_PYTEST,
+    SECRET_OPTIONS,
+    SERVE_OPTIONS,
+    OptionSpec,
+    PytestInputs,
+)
 
-DUMMY_API_KEY = "sk-replay-proxy-dummy"  # configuration.DUMMY_API_KEY, without importing click
+if TYPE_CHECKING:
+    from ..core.settings import Settings
+    from .proxy_process import ProxyProcess
+    from .testing import ProxyThread
 
-_PROXIES_KEY = pytest.StashKey[dict[Settings, "ProxyThread"]]()
-_OPTIONS_KEY = pytest.StashKey["SessionOptions"]()
+_RUN_KEY = pytest.StashKey["ReplayRun"]()
 _SESSION_KEY = pytest.StashKey["ReplaySession"]()
-_TOTALS_KEY = pytest.StashKey[Counter[str]]()
-_WORKER_USED_KEY = pytest.StashKey[set[str]]()
+_CASSETTE_KEY = pytest.StashKey[str]()
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]+")
 _MAX_CASSETTE_NAME = 255
-# serve's options that make no sense for a proxy inside pytest: it listens on a free loopback
-# port, needs no token, gives each test its own cassette, and pytest shows its log.
-_NOT_FOR_PYTEST = frozenset({"host", "port", "workers", "loop_choice", "auth_token",
-                             "default_cassette", "log_format"})
 _DEFAULTS_SHOWN = {"cassettes": "<rootdir>/cassettes"}
-# Credentials are read from the environment only (OPENAI_API_KEY, ...): no flag, no ini key.
-_FROM_ENVIRONMENT_ONLY = frozenset({"openai_api_key", "azure_api_key"})
+# Proxies a process keeps for configurations of their own; past it the least recently used
+# stops (a later test that needs it again starts it again).
+_MAX_OWN_PROXIES = 8
+_SHOWN_LOG_LINES = 20
 
 
-def _serve_options() -> list[Any]:
-    """serve's options (click.Option objects), as far as they apply in pytest."""
-    from .configuration import serve_parameters
-
-    return [param for param in serve_parameters()
-            if param.name not in _NOT_FOR_PYTEST and param.opts and param.opts[0][:2] == "--"]
+def _flag_specs() -> list[OptionSpec]:
+    """The options the plugin takes as `--replay-*` flags and `replay_*` ini keys."""
+    return [spec for spec in SERVE_OPTIONS
+            if spec.name not in NOT_FOR_PYTEST and spec.name not in SECRET_OPTIONS]
 
 
-def _dest(option: Any) -> str:
+def _dest(spec: OptionSpec) -> str:
     """`replay_openai_upstream` for `--openai-upstream` (and `replay_timing` for
     `--replay-timing`): the pytest dest and the ini key."""
-    from .configuration import long_name
-
-    return "replay_" + long_name(option).removeprefix("replay-").replace("-", "_")
-
-
-def _with_flags(options: list[Any]) -> list[Any]:
-    return [option for option in options if option.name not in _FROM_ENVIRONMENT_ONLY]
+    return "replay_" + spec.long_name.removeprefix("replay-").replace("-", "_")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    # The same option list as `replay-proxy serve`: an option added there appears here.
+    # The same option table as `replay-proxy serve`: an option added there appears here.
     group = parser.getgroup("replay-proxy", "record and replay OpenAI calls (replay-proxy)")
-    for option in _with_flags(_serve_options()):
-        dest = _dest(option)
+    for spec in _flag_specs():
+        dest = _dest(spec)
         flag = "--" + dest.replace("_", "-")
-        default = _DEFAULTS_SHOWN.get(option.name, option.default)
-        help_text = option.help or ""
-        if not option.is_flag and isinstance(default, str | int | float | Path):
+        default = _DEFAULTS_SHOWN.get(spec.name, spec.default)
+        help_text = spec.help
+        if not spec.is_flag and spec.show_default and default is not None:
             help_text += f" (default: {default})"
-        help_text += f" [ini: {dest}; env: {option.envvar[0]}]"
-        if option.is_flag:
+        help_text += f" [ini: {dest}; env: {spec.env_name}]"
+        if spec.is_flag:
             group.addoption(flag, dest=dest, action="store_const", const=True, default=None,
                             help=help_text)
-        elif option.multiple:
+        elif spec.multiple:
             group.addoption(flag, dest=dest, action="append", default=None, metavar="VALUE",
                             help=help_text + " (repeatable)")
         else:
             group.addoption(flag, dest=dest, default=None, metavar="VALUE", help=help_text)
         ini_type: Literal["linelist", "bool", "string"] = (
-            "linelist" if option.multiple else "bool" if option.is_flag else "string")
-        parser.addini(dest, option.help or "", type=ini_type, default=None)
+            "linelist" if spec.multiple else "bool" if spec.is_flag else "string")
+        parser.addini(dest, spec.help, type=ini_type, default=None)
 
 
-@dataclass(frozen=True)
-class SessionOptions:
-    """Where this session's options come from, below the per-test `replay_config`: the
-    command line (as serve's arguments), the ini file and [tool.replay-proxy]."""
-
-    args: tuple[str, ...]
-    file_defaults: dict[str, Any]
-    ini_defaults: dict[str, Any]
-    settings: Settings
-
-
-def _session_options(config: pytest.Config) -> SessionOptions:
-    from .configuration import (
-        ConfigError,
-        checked_defaults,
-        file_parameters,
-        find_config,
-        read_config,
-    )
-
-    options = _serve_options()
-    applies = {option.name for option in options}
+def _inputs(config: pytest.Config, run_id: str) -> PytestInputs:
+    """The session's options as given, each flag checked as far as the table allows: a bad
+    choice or number is a usage error at once."""
     args: list[str] = []
-    ini: dict[str, Any] = {}
-    for option in _with_flags(options):
-        dest, flag = _dest(option), option.opts[0]
+    ini: list[tuple[str, object]] = []
+    for spec in _flag_specs():
+        dest = _dest(spec)
         given = config.getoption(dest)
         if given is not None:
-            values = given if option.multiple else [given]
-            for value in values:
-                args += [flag] if option.is_flag else [flag, _absolute(option, value, config)]
+            for value in (given if spec.multiple else [given]):
+                if spec.is_flag:
+                    args.append(spec.flag)
+                else:
+                    args += [spec.flag, _checked(spec, value, config)]
         value = config.getini(dest)
         if value not in (None, "", []):
-            ini[flag[2:]] = value
-    try:
-        named = os.environ.get("REPLAY_PROXY_CONFIG")
-        file = (read_config(Path(named)) if named
-                else find_config(config.invocation_params.dir))
-        # The file is checked as the command checks it; options that make no sense in pytest
-        # (port, workers, allow_misses, ...) are then left out.
-        file_defaults = (checked_defaults(file_parameters(), file.values, file.where,
-                                          file.path.parent) if file is not None else {})
-        file_defaults = {name: value for name, value in file_defaults.items()
-                         if name in applies}
-        ini_base = config.inipath.parent if config.inipath else config.rootpath
-        ini_defaults = checked_defaults(options, ini, f"the pytest ini file {config.inipath}",
-                                        ini_base)
-    except ConfigError as exc:
-        raise pytest.UsageError(f"replay-proxy: {exc.format_message()}") from exc
-    partial = SessionOptions(tuple(args), file_defaults, ini_defaults, Settings())
-    return replace(partial, settings=_resolve(config, partial, {}))
+            ini.append((spec.long_name, value))
+    ini_base = config.inipath.parent if config.inipath else config.rootpath
+    return PytestInputs(tuple(args), tuple(ini), str(config.inipath) if config.inipath else None,
+                        str(ini_base), str(config.invocation_params.dir), str(config.rootpath),
+                        run_id)
 
 
-def _absolute(option: Any, value: str, config: pytest.Config) -> str:
-    """A path given on pytest's command line is relative to where pytest was started, even if
-    a test changes the working directory."""
-    import click
-
-    if isinstance(option.type, click.Path):
+def _checked(spec: OptionSpec, value: str, config: pytest.Config) -> str:
+    flag = "--" + _dest(spec).replace("_", "-")
+    if spec.choices and value not in spec.choices:
+        shown = ", ".join(repr(choice) for choice in spec.choices)
+        raise pytest.UsageError(f"replay-proxy: Invalid value for '{flag}': {value!r} is not "
+                                f"one of {shown}.")
+    if spec.kind in ("int", "float"):
+        try:
+            number = int(value) if spec.kind == "int" else float(value)
+        except ValueError:
+            raise pytest.UsageError(f"replay-proxy: Invalid value for '{flag}': {value!r} is "
+                                    f"not a valid {spec.kind}.") from None
+        below = spec.low is not None and (number <= spec.low if spec.low_open
+                                          else number < spec.low)
+        if below or (spec.high is not None and number > spec.high):
+            raise pytest.UsageError(f"replay-proxy: Invalid value for '{flag}': {value} is out "
+                                    "of range.")
+    if spec.kind == "path":
+        # A path on pytest's command line is relative to where pytest was started, even if a
+        # test changes the working directory.
         return str(config.invocation_params.dir / Path(value).expanduser())
     return value
 
 
-def _resolve(config: pytest.Config, session: SessionOptions,
-             replay_config: Mapping[str, Any]) -> Settings:
-    """Settings for tests with this `replay_config`: the command line, then the environment,
-    then `replay_config`, the ini file, [tool.replay-proxy], and serve's defaults."""
-    import click
+def _new_run_id() -> str:
+    """A run id of the same shape as the proxy's own (time, process, random), made without
+    importing it: every proxy of this session, in every xdist worker, uses this one."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    return f"{stamp}-{os.getpid()}-{os.urandom(2).hex()}"
 
-    from ..core.explain import PYTEST_OPTIONS
-    from .configuration import ConfigError, checked_defaults, settings_from
 
-    options = _serve_options()
-    try:
-        own = checked_defaults(options, replay_config, "replay_config",
-                               config.invocation_params.dir)
-        defaults = {**session.file_defaults, **session.ini_defaults, **own}
-        command = click.Command("pytest", params=options)
-        context = command.make_context("pytest", list(session.args), default_map=defaults)
-        params = dict(context.params)
-        if context.get_parameter_source("cassettes") is click.core.ParameterSource.DEFAULT:
-            params["cassettes"] = config.rootpath / "cassettes"
-        params["cassettes"] = config.invocation_params.dir / params["cassettes"]
-        settings = settings_from(params, option_spelling=PYTEST_OPTIONS)
-    except (ConfigError, click.ClickException) as exc:
-        names = "--replay-* options, REPLAY_PROXY_* variables or replay_* ini keys"
-        raise pytest.UsageError(f"replay-proxy ({names}): {exc.format_message()}") from exc
-    level = params.get("log_level")
-    if level is not None and context.get_parameter_source("log_level") is not \
-            click.core.ParameterSource.DEFAULT:
-        logging.getLogger("replay_proxy").setLevel(str(level).upper())
-    return settings
+# ---- talking to a proxy ----------------------------------------------------------------------
 
+class ProxyClient:
+    """Requests to one proxy's own endpoints, over one kept-alive connection."""
+
+    def __init__(self, url: str, timeout: float = 60.0) -> None:
+        host, _, port = url.removeprefix("http://").rpartition(":")
+        self.url = url
+        self._address = (host, int(port))
+        self._timeout = timeout
+        self._connection: Any = None
+
+    def call(self, method: str, path: str, body: object = None) -> dict[str, Any]:
+        import http.client
+        import json
+
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        for attempt in (1, 2):
+            if self._connection is None:
+                self._connection = http.client.HTTPConnection(*self._address,
+                                                              timeout=self._timeout)
+            try:
+                self._connection.request(method, path, body=payload, headers=headers)
+                answer = self._connection.getresponse()
+                data = answer.read()
+            except (http.client.HTTPException, ConnectionError):
+                self.close()
+                if attempt == 2:  # an idle connection the proxy had closed: once more
+                    raise
+                continue
+            found: dict[str, Any] = json.loads(data)
+            if answer.status >= 400:
+                message = found.get("error", {}).get("message", data[:500])
+                raise RuntimeError(f"replay-proxy answered {answer.status} to {method} {path}: "
+                                   f"{message}")
+            return found
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+@dataclass
+class MissWatch:
+    """The misses a proxy noted in its miss log, read from where the last look stopped: one
+    stat() per test when nothing missed. Keeps the explanations of this process's sessions."""
+
+    path: Path
+    prefix: str  # the sessions this process names
+    offset: int = 0
+    partial: bytes = b""
+    found: dict[str, list[str]] = field(default_factory=dict)
+
+    def take(self, session: str) -> list[str]:
+        """The explanations of the misses `session` met (an empty one when the log no longer
+        carries them), forgotten once taken."""
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            size = 0
+        if size > self.offset:
+            import json
+
+            with open(self.path, "rb") as log:
+                log.seek(self.offset)
+                data = self.partial + log.read(size - self.offset)
+            self.offset = size
+            *lines, self.partial = data.split(b"\n")
+            for line in lines:
+                try:
+                    miss = json.loads(line)
+                except ValueError:
+                    continue
+                named = str(miss.get("session", ""))
+                if named.startswith(self.prefix):
+                    self.found.setdefault(named, []).append(str(miss.get("message", "")))
+        return self.found.pop(session, [])
+
+
+@dataclass
+class ProxyHandle:
+    """A proxy this process uses: where it listens, its mode, its client and its miss log."""
+
+    url: str
+    mode: str  # resolved: never auto
+    cassettes: str  # the root folder of its cassettes
+    client: ProxyClient
+    watch: MissWatch | None
+    process: ProxyProcess | None = None  # a child this process owns
+    thread: ProxyThread | None = None  # a proxy in this process (a normalise hook)
+
+    def stop(self) -> dict[str, Any] | None:
+        """Stop a proxy this process owns; its final counters."""
+        self.client.close()
+        if self.process is not None:
+            return self.process.stop()
+        if self.thread is not None:
+            from .proxy_process import final_counters
+
+            self.thread.stop()
+            return final_counters(self.thread.state)
+        return None
+
+
+@dataclass
+class ReplayRun:
+    """This pytest process's part of the session: the proxies it uses or owns, and what its
+    tests did."""
+
+    inputs: PytestInputs
+    worker: str
+    folder: Path | None  # logs and miss logs; made by the process that owns the shared proxy
+    owns_folder: bool = False
+    shared: ProxyProcess | None = None  # the session's proxy, when this process owns it
+    shared_url: str | None = None
+    shared_miss_log: str | None = None
+    shared_stopped: bool = False
+    handles: dict[object, ProxyHandle] = field(default_factory=dict)
+    sessions_made: int = 0
+    tests: int = 0
+    touched: set[tuple[str, str]] = field(default_factory=set)  # (cassettes root, cassette)
+    used: set[tuple[str, str, str]] = field(default_factory=set)  # (root, cassette, key)
+    totals: Counter[str] = field(default_factory=Counter)
+    logs: list[str] = field(default_factory=list)
+    failure: str | None = None  # why the session fails although its tests passed
+    _settings_cache: dict[str, Settings] = field(default_factory=dict)
+
+    # -- the folder and the shared proxy -------------------------------------------------------
+
+    def ensure_folder(self) -> Path:
+        if self.folder is None:
+            import tempfile
+
+            self.folder = Path(tempfile.mkdtemp(prefix="replay-proxy-"))
+            self.owns_folder = True
+        return self.folder
+
+    def launch_shared(self) -> ProxyProcess:
+        """The session's proxy, owned by this process (the controller, or a lone pytest):
+        made on first need, its child started when asked (`start`)."""
+        if self.shared is None:
+            from .proxy_process import Launch, ProxyProcess
+
+            folder = self.ensure_folder()
+            miss_log = folder / "misses-shared.jsonl"
+            self.shared = ProxyProcess(Launch(self.inputs, {}, str(miss_log)),
+                                       folder / "proxy-shared.log", os.environ)
+            self.shared_url, self.shared_miss_log = self.shared.url, str(miss_log)
+        return self.shared
+
+    def shared_handle(self) -> ProxyHandle:
+        handle = self.handles.get("shared")
+        if handle is None:
+            if self.shared_url is None:
+                self.launch_shared().start()
+            elif self.shared is not None:
+                self.shared.start()
+            assert self.shared_url is not None
+            client = ProxyClient(self.shared_url)
+            health = self._health(client, self.shared)
+            watch = (MissWatch(Path(self.shared_miss_log), self.session_prefix)
+                     if self.shared_miss_log else None)
+            handle = self.handles["shared"] = ProxyHandle(
+                self.shared_url, health["mode"], health["cassettes"], client, watch)
+        return handle
+
+    def _health(self, client: ProxyClient, process: ProxyProcess | None) -> dict[str, Any]:
+        """Wait for a proxy to answer (a child starting up is in the socket's backlog); one
+        that could not start is a usage error with its own words."""
+        try:
+            return client.call("GET", "/_replay/health")
+        except (OSError, RuntimeError) as exc:
+            words = process.last_words() if process is not None else self._shared_words()
+            raise pytest.UsageError(
+                f"replay-proxy could not start for this session ({exc.__class__.__name__}: "
+                f"{exc}).\n{words}".rstrip()) from None
+
+    def _shared_words(self) -> str:
+        log = self.folder / "proxy-shared.log" if self.folder is not None else None
+        try:
+            return log.read_text(errors="replace").strip() if log is not None else ""
+        except OSError:
+            return ""
+
+    @property
+    def session_prefix(self) -> str:
+        return f"{self.inputs.run_id}.{self.worker}."
+
+    def new_session(self) -> str:
+        self.sessions_made += 1
+        return f"{self.session_prefix}{self.sessions_made}"
+
+    # -- proxies for a replay_config of their own ----------------------------------------------
+
+    def handle_for(self, replay_config: Mapping[str, Any]) -> ProxyHandle:
+        if not replay_config:
+            return self.shared_handle()
+        options = dict(replay_config)
+        normalise = options.pop("normalise", None)
+        if normalise is not None and not callable(normalise):
+            raise pytest.UsageError(f"replay_config: key 'normalise' takes a function "
+                                    f"(canonical_request) -> canonical_request, not "
+                                    f"{type(normalise).__name__}")
+        settings = self._settings(options)
+        if normalise is None and settings == self._settings({}):
+            return self.shared_handle()
+        key: object = (settings, normalise)
+        handle = self.handles.pop(key, None)
+        if handle is None:
+            handle = self._start_own(settings, options, normalise)
+        self.handles[key] = handle  # the most recently used last
+        own = [name for name in self.handles if name != "shared"]
+        if len(own) > _MAX_OWN_PROXIES:
+            self._stop_handle(own[0])
+        return handle
+
+    def _settings(self, replay_config: Mapping[str, Any]) -> Settings:
+        """Settings for a replay_config (click and the core are imported here, for the first
+        test that has one), remembered: tests of one directory share one."""
+        name = repr(sorted(replay_config.items()))
+        found = self._settings_cache.get(name)
+        if found is not None:
+            return found
+        import click
+
+        from .configuration import plugin_settings
+
+        try:
+            settings, _ = plugin_settings(self.inputs, replay_config)
+        except click.ClickException as exc:
+            names = "--replay-* options, REPLAY_PROXY_* variables or replay_* ini keys"
+            raise pytest.UsageError(f"replay-proxy ({names}): {exc.format_message()}") from exc
+        if len(self._settings_cache) < 64:
+            self._settings_cache[name] = settings
+        return settings
+
+    def _start_own(self, settings: Settings, options: Mapping[str, Any],
+                   normalise: Callable[..., Any] | None) -> ProxyHandle:
+        name = f"{self.worker}-{os.urandom(4).hex()}"
+        miss_log = self.ensure_folder() / f"misses-{name}.jsonl"
+        if normalise is not None:
+            # A function cannot cross into another process: this proxy runs here, on a thread.
+            from dataclasses import replace
+
+            from ..server.handler import ReplayProxy
+            from .testing import ProxyThread
+
+            policy = replace(settings.key_policy, normalise=normalise)
+            hooked = replace(settings, key_policy=policy)
+            thread = ProxyThread(lambda: ReplayProxy(hooked, dict(os.environ),
+                                                     miss_log=miss_log), loop="auto")
+            thread.start()
+            client = ProxyClient(thread.url)
+            return ProxyHandle(thread.url, thread.state.mode.value, str(hooked.cassettes), client,
+                               MissWatch(miss_log, self.session_prefix), thread=thread)
+        from .proxy_process import Launch, ProxyProcess
+
+        process = ProxyProcess(Launch(self.inputs, options, str(miss_log)),
+                               miss_log.with_name(f"proxy-{name}.log"), os.environ)
+        process.start()
+        client = ProxyClient(process.url)
+        health = self._health(client, process)
+        return ProxyHandle(process.url, health["mode"], health["cassettes"], client,
+                           MissWatch(miss_log, self.session_prefix), process=process)
+
+    def _stop_handle(self, key: object) -> None:
+        handle = self.handles.pop(key)
+        self._count(handle.stop())
+        if handle.process is not None:
+            if handle.process.stuck:
+                self.failure = ("a replay-proxy for a replay_config of its own did not stop in "
+                                "time and was killed: what it had not stored is lost")
+            words = handle.process.last_words(_SHOWN_LOG_LINES)
+            if words:
+                self.logs.append(words)
+
+    def _count(self, final: Mapping[str, Any] | None) -> None:
+        """Add a stopped proxy's counters and the keys it used."""
+        if not final:
+            return
+        self.totals.update({name: int(value) for name, value in final["totals"].items()
+                            if isinstance(value, int)})
+        root = str(final["cassettes"])
+        self.used.update((root, str(cassette), str(key)) for cassette, key in final["used"])
+
+    def stop_own(self) -> None:
+        """Stop every proxy this process owns, the shared one too, adding their counters."""
+        for key in [name for name in self.handles if name != "shared"]:
+            self._stop_handle(key)
+        shared = self.handles.pop("shared", None)
+        if shared is not None:
+            shared.client.close()
+        if self.shared is not None and not self.shared_stopped:
+            self.shared_stopped = True
+            died = self.shared.exit_code()  # before it was asked to stop
+            used = self.tests > 0 or shared is not None
+            # Started ahead of a session whose tests did not use it: ended at once.
+            self._count(self.shared.stop(used=used))
+            code = self.shared.exit_code()
+            if not used:
+                return
+            if died is not None:
+                self.failure = (f"the session's replay-proxy exited during the session (code "
+                                f"{died})")
+            elif self.shared.stuck:
+                self.failure = ("the session's replay-proxy did not stop in time and was "
+                                "killed: what it had not stored is lost, its counters too")
+            elif code not in (0, None):
+                self.failure = f"the session's replay-proxy exited with code {code}"
+            words = self.shared.last_words(_SHOWN_LOG_LINES * (5 if self.failure else 1))
+            if words:
+                self.logs.append(words)
+
+
+# ---- the session -----------------------------------------------------------------------------
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
@@ -188,48 +475,215 @@ def pytest_configure(config: pytest.Config) -> None:
         "replay(cassette=None, fingerprint=None, mode=None): run the test through replay-proxy "
         "with its own cassette; sets OPENAI_BASE_URL and AZURE_OPENAI_ENDPOINT",
     )
-    config.stash[_OPTIONS_KEY] = _session_options(config)
-    config.stash[_PROXIES_KEY] = {}
-    config.stash[_TOTALS_KEY] = Counter()
+    shared = getattr(config, "workerinput", {}).get("replay_proxy")
+    run_id = shared["run_id"] if shared else _new_run_id()
+    inputs = _inputs(config, run_id)
+    worker = getattr(config, "workerinput", {}).get("workerid", "main")
+    run = ReplayRun(inputs, worker, Path(shared["folder"]) if shared else None)
+    if shared:
+        run.shared_url, run.shared_miss_log = shared["url"], shared["miss_log"]
+    config.stash[_RUN_KEY] = run
+    # The proxy takes a few hundred milliseconds to start; collecting the tests (importing
+    # their modules, the SDK's included) usually takes longer. Where this project evidently
+    # uses replay-proxy, start it now, beside the collection, instead of after it.
+    collect_only = config.getoption("collectonly", False)
+    if not shared and not collect_only and not _distributing(config) and _likely_used(config):
+        run.launch_shared().start()
 
 
-def _settings(config: pytest.Config) -> Settings:
-    return config.stash[_OPTIONS_KEY].settings
+def _distributing(config: pytest.Config) -> bool:
+    """Whether this is an xdist controller: its workers run the tests."""
+    return bool(getattr(config.option, "dist", "no") != "no"
+                and getattr(config.option, "numprocesses", None))
 
 
-def _proxy(config: pytest.Config, settings: Settings) -> ProxyThread:
-    """The proxy for these settings, started on first use on a free loopback port: one for the
-    session, and one more for each different `replay_config`."""
-    proxies = config.stash[_PROXIES_KEY]
-    if settings not in proxies:
-        from ..server.handler import ReplayProxy
+def _likely_used(config: pytest.Config) -> bool:
+    """Cheap evidence that this project uses replay-proxy: its options given anywhere, its
+    configuration file, or the cassette folder (committed, so it is there in CI too)."""
+    if any(name.startswith("REPLAY_PROXY_") for name in os.environ):
+        return True
+    inputs = config.stash[_RUN_KEY].inputs
+    if inputs.args or inputs.ini:
+        return True
+    root = config.rootpath
+    if (root / "replay-proxy.toml").is_file() or (root / "cassettes").is_dir():
+        return True
+    try:
+        return b"[tool.replay-proxy]" in (root / "pyproject.toml").read_bytes()
+    except OSError:
+        return False
 
-        proxy = ProxyThread(lambda: ReplayProxy(settings, dict(os.environ)))
-        proxy.start()
-        proxies[settings] = proxy
-    return proxies[settings]
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """An xdist controller: the workers share one proxy, started now where the project
+    evidently uses it (while the workers start), else when a worker first connects."""
+    run = node.config.stash[_RUN_KEY]
+    process = run.launch_shared()
+    if _likely_used(node.config):
+        process.start()
+    else:
+        process.start_on_first_client()
+    node.workerinput["replay_proxy"] = {"url": process.url, "run_id": run.inputs.run_id,
+                                        "folder": str(run.folder),
+                                        "miss_log": run.shared_miss_log}
+
+
+def _needs_proxy(item: pytest.Item) -> bool:
+    return (item.get_closest_marker("replay") is not None
+            or "replay_proxy" in getattr(item, "fixturenames", ()))
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """The first test that needs the proxy starts it, while the rest is collected."""
+    run = item.config.stash.get(_RUN_KEY, None)
+    if (run is not None and run.shared is None and run.shared_url is None
+            and _needs_proxy(item) and not item.config.getoption("collectonly", False)):
+        run.launch_shared().start()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the session's proxy as soon as the collected tests show they need it, and tell it
+    their cassettes, which it reads ahead while the first tests run."""
+    run = session.config.stash.get(_RUN_KEY, None)
+    if run is None or session.config.getoption("collectonly"):
+        return
+    cassettes = []
+    for item in session.items:
+        if _needs_proxy(item):
+            marker = item.get_closest_marker("replay")
+            named = marker.kwargs.get("cassette") if marker is not None else None
+            cassette = item.stash[_CASSETTE_KEY] = named or cassette_for(item)
+            cassettes.append(cassette)
+            names = getattr(item, "fixturenames", None)
+            if marker is not None and names is not None and names[:1] != ["replay_proxy"]:
+                # The mark asks for the fixture, first, so that the environment it sets is
+                # there for the test's other fixtures. (A list of its own: parametrized
+                # siblings share theirs, and not every one of them need carry the mark.)
+                item.fixturenames = [  # type: ignore[attr-defined]
+                    "replay_proxy", *(name for name in names if name != "replay_proxy")]
+    if not cassettes:
+        return
+    if hasattr(session.config, "workerinput"):
+        # A proxy that cannot start fails the tests that use it, with its words.
+        with contextlib.suppress(pytest.UsageError, OSError, RuntimeError):
+            run.shared_handle().client.call("POST", "/_replay/warm", {"cassettes": cassettes})
+        return
+    run.shared_handle().client.call("POST", "/_replay/warm", {"cassettes": cassettes})
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    run = config.stash.get(_RUN_KEY, None)
+    if run is None:
+        return
+    run.stop_own()
+    workeroutput = getattr(config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["replay_proxy"] = {"tests": run.tests,
+                                        "touched": [list(pair) for pair in sorted(run.touched)],
+                                        "used": [list(name) for name in sorted(run.used)],
+                                        "totals": dict(run.totals), "logs": run.logs,
+                                        "failure": run.failure}
+        return
+    if run.tests and run.totals.get("store_errors") and run.failure is None:
+        errors = run.totals["store_errors"]
+        run.failure = (f"{errors} recording(s) could not be stored (the proxy's log above "
+                       "says why); the answers reached the tests but are not in the cassettes")
+    if run.failure and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    output = getattr(node, "workeroutput", {}).get("replay_proxy")
+    run = node.config.stash.get(_RUN_KEY, None)
+    if not output or run is None:
+        return
+    run.tests += output["tests"]
+    run.touched.update((root, cassette) for root, cassette in output["touched"])
+    run.used.update((root, cassette, key) for root, cassette, key in output["used"])
+    run.totals.update(output["totals"])
+    run.logs += output["logs"]
+    run.failure = run.failure or output["failure"]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    for proxy in config.stash.get(_PROXIES_KEY, {}).values():
-        proxy.stop()
+    run = config.stash.get(_RUN_KEY, None)
+    if run is None:
+        return
+    run.stop_own()  # (already done unless the session was cut short)
+    if run.owns_folder and run.folder is not None:
+        import shutil
 
+        shutil.rmtree(run.folder, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    run = config.stash.get(_RUN_KEY, None)
+    if run is None or getattr(config, "workeroutput", None) is not None or not run.tests:
+        return
+    totals = run.totals
+    terminalreporter.section("replay-proxy")
+    terminalreporter.write_line(
+        f"{run.tests} test(s) through the proxy: {totals['hits']} hit(s), "
+        f"{totals['misses']} miss(es), {totals['recorded']} recording(s) made, "
+        f"{totals['upstream_calls']} upstream call(s), {totals['store_errors']} store error(s)")
+    for root in sorted({root for root, _ in run.touched}):
+        unused = _unused_recordings(Path(root), run)
+        if unused:
+            terminalreporter.write_line(
+                f"{len(unused)} recording(s) no test used this session, in the cassettes its "
+                f"tests used (candidates for `replay-proxy prune --cassettes {root}`): "
+                + ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else ""))
+    for words in run.logs:
+        terminalreporter.write_line("the proxy's log:")
+        for line in words.splitlines():
+            terminalreporter.write_line("  " + line)
+    if run.failure:
+        terminalreporter.write_line(f"replay-proxy: failing the session: {run.failure}.",
+                                    red=True)
+
+
+def _unused_recordings(cassettes: Path, run: ReplayRun) -> list[str]:
+    """Recordings in the cassettes this session's tests used that none of its requests used:
+    a partial run (`-k`) never makes the other tests' recordings look unused."""
+    root = str(cassettes)
+    used = {(cassette, key) for where, cassette, key in run.used if where == root}
+    found = []
+    for cassette in sorted(name for root, name in run.touched if root == str(cassettes)):
+        try:
+            names = sorted(os.listdir(cassettes / cassette))
+        except OSError:
+            continue
+        for name in names:
+            if not name.endswith(".json") or name.startswith("."):
+                continue
+            stem = name[:-5]
+            if (cassette, stem.rpartition("-")[2]) not in used:
+                found.append(f"{cassette}/{stem[:40]}")
+    return found
+
+
+# ---- each test -------------------------------------------------------------------------------
 
 @dataclass
 class ReplaySession:
-    """What the `replay_proxy` fixture yields: where to point clients and what happened."""
+    """What the `replay_proxy` fixture yields: where to point clients, and what happened."""
 
-    proxy: ProxyThread
+    handle: ProxyHandle
     cassette: str
-    mode: Mode
-    _before: Counter[str]
-    # Each test is a session of its own: a sequence (a create, then polls) starts at its first
-    # recording in every test, whatever ran before.
-    session: str = field(default_factory=lambda: "test-" + uuid.uuid4().hex[:16])
+    mode: str
+    session: str  # the test's own session: its sequences and counters
+
+    @property
+    def proxy_url(self) -> str:
+        """The proxy itself, for its own endpoints (`/_replay/health`, `/_replay/stats`)."""
+        return self.handle.url
 
     @property
     def url(self) -> str:
-        return f"{self.proxy.url}/s/{self.session}/c/{self.cassette}"
+        return f"{self.handle.url}/s/{self.session}/c/{self.cassette}"
 
     @property
     def base_url(self) -> str:
@@ -240,29 +694,33 @@ class ReplaySession:
     def azure_endpoint(self) -> str:
         return self.url
 
-    def _count(self, name: str) -> int:
-        self.proxy.call(self.proxy.state.flights.drain())  # answers already sent may be storing
-        counts = self.proxy.state.by_cassette.get(self.cassette, Counter())
-        return counts[name] - self._before[name]
+    def counters(self) -> dict[str, Any]:
+        """This test's counters, from the proxy (once what it recorded is stored)."""
+        return self.handle.client.call("GET", f"/_replay/sessions/{self.session}")
 
     @property
     def hits(self) -> int:
-        return self._count("hits")
+        return int(self.counters()["hits"])
 
     @property
     def misses(self) -> int:
-        return self._count("misses")
+        return int(self.counters()["misses"])
 
     @property
     def recordings(self) -> int:
-        return self._count("recorded")
+        return int(self.counters()["recorded"])
 
     @property
     def upstream_calls(self) -> int:
-        return self._count("upstream_calls")
+        return int(self.counters()["upstream_calls"])
+
+    @property
+    def store_errors(self) -> int:
+        return int(self.counters()["store_errors"])
 
     def last_miss(self) -> str | None:
-        return self.proxy.state.last_miss.get(self.cassette)
+        last = self.counters()["last_miss"]
+        return str(last) if last is not None else None
 
 
 def cassette_for(item: pytest.Item) -> str:
@@ -274,6 +732,8 @@ def cassette_for(item: pytest.Item) -> str:
     segments = [_segment(part) for part in parts if _segment(part)] or ["test"]
     name = "/".join(segments)
     if len(name) > _MAX_CASSETTE_NAME:  # keep it unique while it fits a folder name
+        import hashlib
+
         digest = hashlib.sha256(item.nodeid.encode()).hexdigest()[:12]
         name = name[: _MAX_CASSETTE_NAME - 13].rstrip("/.-") + "-" + digest
     return name
@@ -288,59 +748,65 @@ def _segment(part: str) -> str:
 def replay_config() -> dict[str, Any]:
     """Options for the tests in this fixture's scope, as in [tool.replay-proxy]: override it in
     a conftest.py to configure a directory, e.g. `return {"ignore_field": ["user"]}`. The
-    command line and REPLAY_PROXY_* variables still win; a mark's mode wins over all."""
+    command line and REPLAY_PROXY_* variables still win; a mark's mode wins over all. The key
+    `normalise` takes a function (canonical_request) -> canonical_request, run after the
+    built-in rules when recording and when matching; such tests get a proxy in the test process."""
     return {}
 
 
 @pytest.fixture
-def replay_proxy(request: pytest.FixtureRequest) -> Iterator[ReplaySession]:
+def replay_proxy(request: pytest.FixtureRequest, replay_config: Mapping[str, Any]
+                 ) -> Iterator[ReplaySession]:
+    """The test's proxy session. With `@pytest.mark.replay`, also OPENAI_BASE_URL and
+    AZURE_OPENAI_ENDPOINT for the test (and dummy keys when replaying)."""
     marker = request.node.get_closest_marker("replay")
     options: dict[str, Any] = dict(marker.kwargs) if marker else {}
     unknown = set(options) - {"cassette", "fingerprint", "mode"}
     if unknown:
         raise pytest.UsageError(f"@pytest.mark.replay got unknown arguments {sorted(unknown)}")
-    proxy = _proxy(request.config, _settings_for(request))
-    cassette = options.get("cassette") or cassette_for(request.node)
-    mode = Mode(options["mode"]) if options.get("mode") else proxy.state.mode
-    mode = resolve_mode(mode, os.environ)
-    overrides = CassetteOptions(mode, options.get("fingerprint"))
-    proxy.invoke(lambda: proxy.state.set_override(cassette, overrides))
-    before = Counter(proxy.state.by_cassette.get(cassette, Counter()))
-    proxy.state.last_miss.pop(cassette, None)
-    session = ReplaySession(proxy, cassette, mode, before)
-    request.node.stash[_SESSION_KEY] = session
-    try:
-        yield session
-    finally:
-        totals = request.config.stash[_TOTALS_KEY]
-        for name in ("hits", "misses", "recorded", "upstream_calls"):
-            totals[name] += session._count(name)
-        totals["tests"] += 1
-
-
-def _settings_for(request: pytest.FixtureRequest) -> Settings:
-    overrides = request.getfixturevalue("replay_config")
+    overrides = replay_config
     if not isinstance(overrides, Mapping):
         raise pytest.UsageError(f"replay_config must return a dict of options, not "
                                 f"{type(overrides).__name__}")
-    session = request.config.stash[_OPTIONS_KEY]
-    if not overrides:
-        return session.settings
-    return _resolve(request.config, session, overrides)
+    run: ReplayRun = request.config.stash[_RUN_KEY]
+    handle = run.handle_for(overrides)
+    cassette = (options.get("cassette") or request.node.stash.get(_CASSETTE_KEY, None)
+                or cassette_for(request.node))
+    session = run.new_session()
+    mode = handle.mode
+    if options.get("mode") or options.get("fingerprint"):
+        if options.get("mode"):
+            if options["mode"] not in MODES:
+                raise pytest.UsageError(f"@pytest.mark.replay(mode=...) takes one of "
+                                        f"{', '.join(MODES)}, not {options['mode']!r}")
+            from ..core.modes import Mode, resolve_mode
 
-
-@pytest.fixture(autouse=True)
-def _replay_environment(request: pytest.FixtureRequest,
-                        monkeypatch: pytest.MonkeyPatch) -> None:
-    if request.node.get_closest_marker("replay") is None:
-        return
-    session: ReplaySession = request.getfixturevalue("replay_proxy")
-    monkeypatch.setenv("OPENAI_BASE_URL", session.base_url)
-    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", session.azure_endpoint)
-    if session.mode is Mode.REPLAY:
-        for name in ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY"):
-            if not os.environ.get(name):
-                monkeypatch.setenv(name, DUMMY_API_KEY)
+            mode = resolve_mode(Mode(options["mode"]), os.environ).value
+        handle.client.call("PUT", f"/_replay/sessions/{session}",
+                           {"mode": mode if options.get("mode") else None,
+                            "fingerprint": options.get("fingerprint")})
+    replay = ReplaySession(handle, cassette, mode, session)
+    request.node.stash[_SESSION_KEY] = replay
+    saved: dict[str, str | None] = {}
+    if marker is not None:
+        wanted = {"OPENAI_BASE_URL": replay.base_url, "AZURE_OPENAI_ENDPOINT": replay.url}
+        if mode == "replay":
+            wanted.update({name: DUMMY_API_KEY for name in ("OPENAI_API_KEY",
+                                                             "AZURE_OPENAI_API_KEY")
+                           if not os.environ.get(name)})
+        for name, value in wanted.items():
+            saved[name] = os.environ.get(name)
+            os.environ[name] = value
+    try:
+        yield replay
+    finally:
+        for name, previous in saved.items():
+            if previous is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = previous
+        run.tests += 1
+        run.touched.add((handle.cassettes, cassette))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -361,69 +827,12 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 
 
 def _miss_explanation(item: pytest.Item) -> str | None:
-    session = item.stash.get(_SESSION_KEY, None)
-    if session is None or session.misses == 0:
+    replay = item.stash.get(_SESSION_KEY, None)
+    if replay is None or replay.handle.watch is None:
         return None
-    return (f"replay-proxy: {session.misses} request(s) had no recording in cassette "
-            f"'{session.cassette}' (mode {session.mode.value}).\n{session.last_miss()}")
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    config = session.config
-    workeroutput = getattr(config, "workeroutput", None)
-    if workeroutput is not None:
-        totals: Counter[str] = config.stash[_TOTALS_KEY]
-        workeroutput["replay_proxy"] = dict(totals)
-        workeroutput["replay_proxy_used"] = sorted(_used(config))
-
-
-def _used(config: pytest.Config) -> set[str]:
-    used = set()
-    for proxy in config.stash.get(_PROXIES_KEY, {}).values():
-        usage = proxy.state.usage
-        used |= {f"{c}\x1f{k}" for c, k in usage.seen} if usage is not None else set()
-    return used
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node: Any, error: Any) -> None:
-    output = getattr(node, "workeroutput", {})
-    config = node.config
-    totals: Counter[str] = config.stash[_TOTALS_KEY]
-    totals.update(output.get("replay_proxy", {}))
-    used: set[str] = config.stash.setdefault(_WORKER_USED_KEY, set())
-    used.update(output.get("replay_proxy_used", []))
-
-
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    totals = config.stash[_TOTALS_KEY]
-    if getattr(config, "workeroutput", None) is not None or not totals.get("tests"):
-        return
-    worker_used: set[str] = config.stash.get(_WORKER_USED_KEY, set())
-    used = _used(config) | worker_used
-    unused = _unused_recordings(_settings(config).cassettes, used)
-    terminalreporter.section("replay-proxy")
-    terminalreporter.write_line(
-        f"{totals['tests']} test(s) through the proxy: {totals['hits']} hit(s), "
-        f"{totals['misses']} miss(es), {totals['recorded']} recording(s) made, "
-        f"{totals['upstream_calls']} upstream call(s)")
-    if unused:
-        terminalreporter.write_line(
-            f"{len(unused)} recording(s) no test used this session (candidates for "
-            f"`replay-proxy prune --cassettes {_settings(config).cassettes}`): "
-            + ", ".join(sorted(unused)[:5]) + (" ..." if len(unused) > 5 else ""))
-
-
-def _unused_recordings(cassettes: Path, used: set[str]) -> list[str]:
-    if not cassettes.is_dir():
-        return []
-    found = []
-    for path in cassettes.rglob("*.json"):
-        relative = path.relative_to(cassettes)
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        key = path.stem.rpartition("-")[2]
-        name = f"{relative.parent.as_posix()}\x1f{key}"
-        if name not in used:
-            found.append(f"{relative.parent.as_posix()}/{path.stem[:40]}")
-    return found
+    missed = replay.handle.watch.take(replay.session)
+    if not missed:
+        return None
+    last = missed[-1] or replay.last_miss() or ""
+    return (f"replay-proxy: {len(missed)} request(s) had no recording in cassette "
+            f"'{replay.cassette}' (mode {replay.mode}).\n{last}")
