@@ -16,7 +16,11 @@ rounds interleaved A B A B so that the machine's noise falls on every server ali
    throughput, first-hit latency (the store read), and upstream calls for a burst of
    identical misses spread over the proxies (single-flight across them);
 9. misses: replay misses on a cassette of 25,000 keys (the nearest recording is named in
-   each), and how long /_replay/health waits meanwhile (`--only misses` needs no wrk).
+   each), and how long /_replay/health waits meanwhile (`--only misses` needs no wrk);
+10. suite: what users feel, the wall time of a test suite: generated suites of N tests with the
+   real openai SDK through the pytest plugin, `replay-proxy serve`, vcrpy + pytest-recording,
+   cassetter, and a bare server returning fixed bytes (`scripts/bench_suite.py`; `--only suite`
+   needs no wrk).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import bench_suite
 import orjson
 from replay_proxy.core.canonical import IncomingRequest, KeyPolicy, canonical_request, request_key
 from replay_proxy.core.cassette import Entry, Recording, encode_entry
@@ -48,7 +53,7 @@ from replay_proxy.tools.testing import free_port, run_redis, run_redis_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-SECTIONS = ["throughput", "record", "streaming", "scale", "sse", "fleet", "misses"]
+SECTIONS = ["throughput", "record", "streaming", "scale", "sse", "fleet", "misses", "suite"]
 PROMPT = "Summarise the plot of a long novel in plain words."
 NAIVE_FORWARDER = """
 import sys
@@ -344,7 +349,10 @@ def main() -> int:
     parser.add_argument("--scale", type=int, default=100_000, help="recordings in the big cassette")
     parser.add_argument("--miss-keys", type=int, default=25_000,
                         help="recordings in the cassette of the misses section")
-    parser.add_argument("--quick", action="store_true", help="1 round, 1 s runs, 10k recordings")
+    parser.add_argument("--suite-tests", type=int, default=1000,
+                        help="tests in each generated suite of the suite section")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 round, 1 s runs, 10k recordings, suites of 300 tests")
     parser.add_argument("--profile", action="store_true",
                         help="also profile a replay-proxy under load with py-spy")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
@@ -352,13 +360,23 @@ def main() -> int:
                         help="run only these sections")
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.duration, args.scale = 1, 1.0, 10_000
+        args.rounds, args.duration, args.scale, args.suite_tests = 1, 1.0, 10_000, 300
     if args.only == ["sse"]:  # in-process: no servers, and the saved results stay as they are
         print("\n".join(markdown_sse(measure_sse())))
         return 0
     if args.only == ["misses"]:  # no wrk, no simulator; the saved results stay as they are
         with tempfile.TemporaryDirectory(prefix=".bench-", dir=ROOT) as temporary:
             print("\n".join(markdown_misses(measure_misses(Path(temporary), args))))
+        return 0
+    if args.only == ["suite"]:  # no wrk; its results are saved beside the others'
+        with tempfile.TemporaryDirectory(prefix=".bench-", dir=ROOT) as temporary:
+            suite = run_suite(Path(temporary), args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "suite.json").write_text(json.dumps(
+            {"command": "scripts/bench " + " ".join(sys.argv[1:]), **suite}, indent=2) + "\n")
+        report = "\n".join(bench_suite.markdown_suite(suite)) + "\n"
+        (args.out / "suite.md").write_text(report)
+        print(report)
         return 0
     if shutil.which("wrk") is None:
         print("wrk is needed: apt-get install wrk (scripts/bench installs it)", file=sys.stderr)
@@ -402,12 +420,24 @@ def main() -> int:
                 results["misses"] = measure_misses(work, args)
             if args.profile:
                 results["profile"] = profile_replay(work, body, path, args)
+        if "suite" in args.only:  # with the machine to itself: no simulator, no Redis
+            results["suite"] = run_suite(work / "suite", args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     report = markdown(results)
     (args.out / "results.md").write_text(report)
     print(report)
     return 0
+
+
+def run_suite(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    python = os.environ.get("REPLAY_BENCH_SUITE_PYTHON") or str(ROOT / ".venv-suite" / "bin"
+                                                                  / "python")
+    if not Path(python).exists():
+        raise SystemExit(f"{python} is missing: scripts/bench installs vcrpy, pytest-recording "
+                         "and cassetter there")
+    work.mkdir(parents=True, exist_ok=True)
+    return bench_suite.measure_suite(work, args.suite_tests, args.rounds, PY, python)
 
 
 def measure_throughput(work: Path, simulator: Server, body: bytes, path: str,
@@ -776,6 +806,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += markdown_fleet(results["fleet"])
     if "misses" in results:
         lines += markdown_misses(results["misses"])
+    if "suite" in results:
+        lines += bench_suite.markdown_suite(results["suite"])
     if results.get("profile"):
         lines += ["## Profile of a replay hit under load (py-spy, inclusive share)", ""]
         if results.get("profile_command"):  # profiled in a later run than the tables above
