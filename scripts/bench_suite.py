@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -99,6 +100,7 @@ TEST = '''
     ask({i}, {stream})
 '''
 
+SERVERS: dict[str, int] = {}  # url -> pid of the servers running, for their CPU time
 MARKS = {"plugin": "@pytest.mark.replay\n", "vcrpy": "@pytest.mark.vcr\n",
          "cassetter": "@pytest.mark.vcr\n"}
 
@@ -135,9 +137,16 @@ def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60) 
             time.sleep(0.01)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a running process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
 def server(command: list[str], port: int) -> Iterator[str]:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    SERVERS[f"http://127.0.0.1:{port}"] = process.pid
     try:
         wait_port(port, process)
         yield f"http://127.0.0.1:{port}"
@@ -160,20 +169,34 @@ class Suite:
                         # Users' machines keep bytecode: every variant imports from it.
                         and name not in ("CI", "PYTHONDONTWRITEBYTECODE")}
         self.environ["OPENAI_API_KEY"] = "sk-bench-suite"
+        # CPU seconds of the runs, by variant: pytest and what it started, and the server the
+        # suite was pointed at (the floor's, serve's). Steadier than wall time on a busy machine.
+        self.cpu: dict[str, list[float]] = {}
 
     def command(self, variant: str, *extra: str) -> list[str]:
         off = [f"-p no:{plugin}" for name, plugin in PLUGINS.items() if name != variant]
         return [self.python, "-m", "pytest", "-q", *" ".join(off).split(), *extra]
 
     def run(self, folder: Path, variant: str, *extra: str, base_url: str | None = None,
-            expect: int | None = None) -> float:
+            expect: int | None = None, cpu_as: str | None = None) -> float:
         environ = dict(self.environ)
         if base_url is not None:
             environ["OPENAI_BASE_URL"] = base_url
+        server = next((pid for url, pid in SERVERS.items()
+                       if base_url is not None and base_url.startswith(url)), None)
+        serving = cpu_seconds(server) if server is not None and variant in ("floor", "serve") \
+            else 0.0
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         done = subprocess.run(self.command(variant, *extra), cwd=folder, env=environ,
                               capture_output=True, text=True, timeout=1800)
         elapsed = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if cpu_as is not None:
+            used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            if server is not None and variant in ("floor", "serve"):
+                used += cpu_seconds(server) - serving
+            self.cpu.setdefault(cpu_as, []).append(used)
         print(f"  suite: {folder.relative_to(self.work)} {' '.join(extra)}: {elapsed:.2f} s",
               file=sys.stderr, flush=True)
         passed = re.search(r"(\d+) passed", done.stdout)
@@ -265,15 +288,16 @@ def measure_suite(work: Path, tests: int, rounds: int, main_python: str,
         bases = {"floor": floor + "/v1", "serve": proxy + "/c/suite/v1",
                  "vcrpy": simulator + "/v1", "cassetter": simulator + "/v1"}
 
-        def replay(style: str, variant: str, *extra: str) -> Callable[[], float]:
+        def replay(style: str, variant: str, *extra: str, cpu_as: str | None = None
+                   ) -> Callable[[], float]:
             return lambda: suite.run(folders[(style, variant)], variant,
                                      *replay_args(variant), *extra,
-                                     base_url=bases.get(variant))
+                                     base_url=bases.get(variant), cpu_as=cpu_as)
 
         for (style, variant) in folders:  # warm up: bytecode, caches, the page cache
             replay(style, variant)()
-        runs = {f"{style}/{variant}": replay(style, variant) for style in STYLES
-                for variant in VARIANTS}
+        runs = {f"{style}/{variant}": replay(style, variant, cpu_as=f"{style}/{variant}")
+                for style in STYLES for variant in VARIANTS}
         samples = interleaved(runs, rounds)
         parallel_runs: dict[str, Callable[[], float]] = {}
         for variant in VARIANTS:
@@ -281,7 +305,7 @@ def measure_suite(work: Path, tests: int, rounds: int, main_python: str,
             parallel_runs[f"n2/{variant}"] = replay("shared", variant, "-n", "2")
         parallel = interleaved(parallel_runs, rounds)
     load = measure_plugin_load(suite, work, rounds)
-    return summarise(tests, rounds, samples, parallel, record, load)
+    return summarise(tests, rounds, samples, parallel, record, load, suite.cpu)
 
 
 def measure_record(suite: Suite, work: Path, simulator: str, rounds: int,
@@ -344,7 +368,7 @@ def measure_plugin_load(suite: Suite, work: Path, rounds: int) -> dict[str, floa
 
 def summarise(tests: int, rounds: int, samples: dict[str, list[float]],
               parallel: dict[str, list[float]], record: dict[str, list[float]],
-              load: dict[str, float]) -> dict[str, Any]:
+              load: dict[str, float], cpu: dict[str, list[float]]) -> dict[str, Any]:
     result: dict[str, Any] = {"tests": tests, "rounds": rounds, "styles": {}, "xdist": {},
                               "record": {}, "plugin_load": load}
     for style in STYLES:
@@ -358,7 +382,11 @@ def summarise(tests: int, rounds: int, samples: dict[str, list[float]],
                 "vs_cassetter": paired(mine, variant, "cassetter"),
                 "ms_per_test_over_floor": statistics.median(
                     (a - b) / tests * 1000 for a, b in zip(mine[variant], mine["floor"],
-                                                          strict=True))}
+                                                          strict=True)),
+                "cpu_s": statistics.median(cpu[f"{style}/{variant}"]),
+                "cpu_ms_per_test_over_floor": statistics.median(
+                    (a - b) / tests * 1000 for a, b in zip(cpu[f"{style}/{variant}"],
+                                                          cpu[f"{style}/floor"], strict=True))}
         result["styles"][style] = rows
     for variant in VARIANTS:
         serial, n2 = parallel[f"serial/{variant}"], parallel[f"n2/{variant}"]
@@ -395,6 +423,10 @@ def markdown_suite(suite: dict[str, Any]) -> list[str]:
                             ("vs_cassetter", "vs cassetter (shared)", "{:.2f}x")):
         lines.append(f"| {label} | " + " | ".join(fmt.format(shared[name][key])
                                                   for name in shown) + " |")
+    lines.append("| CPU seconds, every process (shared) | " + " | ".join(
+        f"{shared[name]['cpu_s']:.2f}" for name in shown) + " |")
+    lines.append("| CPU ms per test over the floor (shared) | " + " | ".join(
+        f"{shared[name]['cpu_ms_per_test_over_floor']:+.2f}" for name in shown) + " |")
     per_test = suite["styles"]["per_test"]
     lines.append("| vs the floor (client per test) | " + " | ".join(
         f"{per_test[name]['vs_floor']:.2f}x" for name in shown) + " |")
