@@ -56,7 +56,7 @@ from .connections import ConnectionLimits, ProxyConnection, ProxyServer, descrip
 from .flights import ClientGone, Flight, FlightCut
 from .recorder import Exchange, pump, replay_headers
 from .serving import loop_name
-from .sessions import COUNTING, MAX_FINGERPRINT, MissLog, SessionRecord
+from .sessions import COUNTING, MAX_FINGERPRINT, MAX_MISS_TEXT, MissLog, SessionRecord
 from .state import HotKey, HotReply, ProxyState
 from .upstream import UPSTREAM_CONNECTIONS, Upstream, client_timeout
 from .usage import UsageLog, new_run_id
@@ -332,7 +332,6 @@ def _count_hit(state: ProxyState, cassette: str, key: str, tokens: int) -> None:
 
 async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
                  hot_key: HotKey) -> web.StreamResponse:
-    settings = state.settings
     if request.path.startswith(_INTERNAL_PREFIX):
         return await _internal(state, request)
     cassette, session, route, query = _locate(request, state)
@@ -340,6 +339,41 @@ async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
     # (aiohttp gives each request a task of its own: this is set for this request only).
     record = state.sessions.record(session) if session != state.default_session else None
     COUNTING.set(record)
+    try:
+        response = await _answer(request, state, body, hot_key, cassette, session, record,
+                                 route, query)
+    except ProxyError as exc:
+        if exc.status >= 500:
+            state.note_failure(cassette, session, exc.status, exc.message)
+        raise
+    except Exception as exc:
+        state.note_failure(cassette, session, 500,
+                           f"internal error ({exc.__class__.__name__}: {exc})")
+        raise
+    if (response.status >= 500 and isinstance(response, web.Response)
+            and response.headers.get("X-Replay-Status") == "error"):
+        # The proxy's own answer (the upstream out of reach, the store down), not the
+        # provider's: nothing was replayed or recorded for this request.
+        state.note_failure(cassette, session, response.status,
+                           _error_message(response.body))
+    return response
+
+
+def _error_message(body: object) -> str:
+    """The message of an error body in the OpenAI shape (the body itself if it is not one)."""
+    raw = body if isinstance(body, bytes) else b""
+    try:
+        message = orjson.loads(raw)["error"]["message"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return raw[:MAX_MISS_TEXT].decode(errors="replace")
+    return str(message)
+
+
+async def _answer(request: web.BaseRequest, state: ProxyState, body: bytes, hot_key: HotKey,
+                  cassette: str, session: str, record: SessionRecord | None, route: Route,
+                  query: dict[str, str]) -> web.StreamResponse:
+    """Replay, record or refuse one located request."""
+    settings = state.settings
     # aiohttp has already decoded a compressed request body: key and forward it as plain bytes.
     headers = {name.lower(): value for name, value in request.headers.items()
                if name.lower() != "content-encoding"}

@@ -9,8 +9,9 @@ pump task inherits from the request that started it. The table is bounded: the o
 sessions are let go past `MAX_SESSIONS`, or past `MAX_MISS_BYTES` of kept explanations.
 
 The miss log, when a proxy is given one, gets a line per replay miss as it is answered, before
-the client reads the 404: a test runner learns of a miss the code under test swallowed by
-looking at the file's size, with no request to the proxy.
+the client reads the 404, and one per error of the proxy's own (kind `error`: the upstream out
+of reach, a corrupt cassette, a failing hook): a test runner learns of a miss or an error the
+code under test swallowed by looking at the file's size, with no request to the proxy.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ MAX_MISS_LOG_BYTES = 32 * 1024 * 1024  # past it, the log's lines name the sessi
 MAX_FINGERPRINT = 200
 # The counters a session reports (zero when nothing happened).
 SESSION_COUNTERS = ("hits", "misses", "recorded", "upstream_calls", "store_errors",
-                    "too_large", "tokens_replayed")
+                    "too_large", "tokens_replayed", "errors")
 
 
 @dataclass
@@ -98,8 +99,8 @@ class Sessions:
 
 
 class MissLog:
-    """An append-only file of the misses answered: one JSON line each (session, cassette,
-    explanation), written before the 404 is sent. Past `limit` bytes a line no longer carries
+    """An append-only file of the misses and the proxy's own errors answered: one JSON line
+    each (session, cassette, kind, explanation), written before the answer is sent. Past `limit` bytes a line no longer carries
     the explanation (the session's record still does)."""
 
     def __init__(self, path: Path, limit: int = MAX_MISS_LOG_BYTES) -> None:
@@ -110,8 +111,8 @@ class MissLog:
         # Opened for appending and written unbuffered: a reader polls its size.
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
-    def write(self, session: str, cassette: str, message: str) -> None:
-        line: dict[str, Any] = {"session": session, "cassette": cassette}
+    def write(self, session: str, cassette: str, message: str, kind: str = "miss") -> None:
+        line: dict[str, Any] = {"session": session, "cassette": cassette, "kind": kind}
         if self._written < self._limit:
             line["message"] = message[:MAX_MISS_TEXT]
         data = orjson.dumps(line) + b"\n"

@@ -175,6 +175,16 @@ class ProxyState:
         if self.miss_log is not None:
             self.miss_log.write(session, cassette, message)
 
+    def note_failure(self, cassette: str, session: str, status: int, message: str) -> None:
+        """An error of the proxy's own answered (the upstream out of reach, a corrupt cassette,
+        a failing hook): counted (`errors`) for its cassette and session, and written to the
+        miss log, so that a test runner fails the test even when the code under test caught
+        the error."""
+        self.count(cassette, "errors")
+        if self.miss_log is not None:
+            self.miss_log.write(session, cassette, f"replay-proxy answered {status}: {message}",
+                                kind="error")
+
     @property
     def totals(self) -> Counter[str]:
         summed: Counter[str] = Counter(self.retired)

@@ -32,6 +32,9 @@ _COUNTERS = (("hits", "hit", "hits"), ("misses", "miss", "misses"),
              ("recorded", "recorded", "recorded"),
              ("upstream_calls", "upstream call", "upstream calls"),
              ("store_errors", "store error", "store errors"))
+# Shown only when there were some: answers the proxy gave itself, for want of one to give (the
+# upstream out of reach, a corrupt cassette). They fail the run, as a miss does.
+_ERRORS = ("errors", "proxy error", "proxy errors")
 _SHOWN_MISSES = 20
 
 
@@ -60,8 +63,8 @@ def run_command(settings: Settings, command: Sequence[str], host: str = "127.0.0
     totals = state.snapshot()["totals"]
     click.echo(summary_text(f"replay-proxy run (mode {mode.value}, store {settings.store_spec})",
                             totals, misses, state.by_cassette, state.last_miss), err=True)
-    failures = [_plural(totals[name], one, many) for name, one, many in _COUNTERS
-                if name in ("misses", "store_errors") and totals.get(name)]
+    failures = [_plural(totals[name], one, many) for name, one, many in (*_COUNTERS, _ERRORS)
+                if name in ("misses", "store_errors", "errors") and totals.get(name)]
     if code == 0 and failures and not allow_misses:
         advice = ("record them (--mode record), or pass --allow-misses"
                   if totals.get("misses") else "see the proxy's log above")
@@ -168,12 +171,14 @@ def summary_text(head: str, totals: Mapping[str, Any], misses: Misses,
                  log_format: str = "text") -> str:
     """One line of counters, then the requests that missed: each one when the access log named
     them, else the count per cassette and the last explanation."""
-    counts = {name: int(totals.get(name, 0)) for name, _, _ in _COUNTERS}
+    counts = {name: int(totals.get(name, 0)) for name, _, _ in (*_COUNTERS, _ERRORS)}
     if log_format == "json":
         return orjson.dumps({"summary": head, **counts,
                              "misses_named": [asdict(found) for found in misses.found]}).decode()
     lines = [f"{head}: " + ", ".join(_plural(counts[name], one, many)
                                      for name, one, many in _COUNTERS)]
+    if counts["errors"]:
+        lines[0] += f", {_plural(counts['errors'], *_ERRORS[1:])} (see the proxy's log)"
     stale = int(totals.get("stale", 0))
     if stale:
         lines[0] += (f"; {_plural(stale, 'stale recording', 'stale recordings')} replayed "

@@ -221,3 +221,32 @@ def test_run_counts_stale_recordings(python_client: Path, project: Path,
     assert replayed.returncode == 0, replayed.stderr
     assert "3 hits, 0 misses" in replayed.stderr
     assert "3 stale recordings replayed (older than --max-age" in replayed.stderr
+
+
+SWALLOWING_CLIENT = '''
+from openai import OpenAI
+
+try:
+    OpenAI(max_retries=0).chat.completions.create(
+        model="gpt-4o-mini", seed=1, messages=[{"role": "user", "content": "hi"}])
+except Exception as error:  # the application carries on
+    print("swallowed:", error.status_code)
+'''
+
+
+def test_an_error_of_the_proxys_own_that_the_command_swallowed_fails_the_run(
+        project: Path) -> None:
+    """Recording with the upstream out of reach: the client got a 502 from the proxy, not an
+    answer, and nothing was recorded. The command exits 0; the run does not."""
+    from replay_proxy.tools.testing import free_port
+
+    (project / "swallow.py").write_text(SWALLOWING_CLIENT)
+    result = replay_proxy_run(
+        "--mode", "record", "--openai-upstream", f"http://127.0.0.1:{free_port()}", "--",
+        sys.executable, "swallow.py", cwd=project,
+        env=clean_environment(OPENAI_API_KEY=RECORD_KEY))
+    assert "swallowed: 502" in result.stdout
+    assert result.returncode == 1, result.stderr
+    assert "0 recorded, 0 upstream calls, 0 store errors, 1 proxy error" in result.stderr
+    assert "the command passed, but the run had 1 proxy error" in result.stderr
+    assert not list((project / "cassettes").glob("*/*.json"))  # no cassette was written
