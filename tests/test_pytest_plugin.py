@@ -310,7 +310,8 @@ def replay_config():
 ''')
     bad = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     bad.assert_outcomes(errors=1)
-    bad.stdout.fnmatch_lines(["*replay_config: unknown key 'ignore_feild'*"])
+    bad.stdout.fnmatch_lines(["*replay-proxy: replay_config: unknown key 'ignore_feild'*"])
+    assert "azure-api-key" not in bad.stdout.str()  # a credential is not offered as a key
     bad_flag = pytester.runpytest_subprocess("--replay-mode", "bogus")
     assert bad_flag.ret == pytest.ExitCode.USAGE_ERROR
     bad_flag.stderr.fnmatch_lines(["*replay-proxy*'bogus' is not one of*"])
@@ -603,3 +604,176 @@ def test_the_hook_is_the_proxys(replay_proxy):
     [stored] = (pytester.path / "cassettes" / "test_hook" / "test_ask_with_a_timestamp").glob(
         "chat.completions-*.json")
     assert "Now is <time>." in stored.read_text()  # the key's request is the normalised one
+
+
+PARAMETRIZED_IDS = '''
+import pytest
+from openai import OpenAI
+
+
+@pytest.mark.replay
+@pytest.mark.parametrize("q", ["a/b", "a-b", "a b", "a?b"])
+def test_q(q, replay_proxy):
+    OpenAI().chat.completions.create(
+        model="gpt-4o-mini", seed=1, messages=[{"role": "user", "content": q}])
+    print("CASSETTE", replay_proxy.cassette)
+'''
+
+
+def test_parametrized_ids_that_lose_characters_keep_cassettes_of_their_own(
+        pytester: pytest.Pytester, simulator: SimulatorThread,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`a/b`, `a b` and `a?b` all read `a-b` once made safe: a digest keeps them apart, and a
+    run of one of them never offers the others' recordings for pruning."""
+    pytester.makepyfile(test_ids=PARAMETRIZED_IDS)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-recording-key")
+    monkeypatch.delenv("CI", raising=False)
+    result = pytester.runpytest_subprocess(
+        "-s", "--replay-mode", "record", "--replay-openai-upstream", simulator.url,
+        "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4)
+    assert simulator.state.calls == 4
+    names = re.findall(r"CASSETTE (\S+)", result.stdout.str())
+    assert len(set(names)) == 4, names
+    assert "test_ids/test_q-a-b" in names  # a safe id keeps its plain name
+    folders = [path for path in (pytester.path / "cassettes" / "test_ids").iterdir()]
+    assert len(folders) == 4
+    one = pytester.runpytest_subprocess("test_ids.py::test_q[a-b]", "--replay-mode", "replay",
+                                        "-p", "no:cacheprovider")
+    one.assert_outcomes(passed=1)
+    assert "no test used" not in one.stdout.str()
+
+
+SWALLOWED_ERRORS = '''
+import pytest
+from openai import OpenAI
+
+
+@pytest.mark.replay
+def test_swallows(replay_proxy):
+    try:
+        OpenAI(max_retries=0).chat.completions.create(
+            model="gpt-4o-mini", seed=1, messages=[{"role": "user", "content": "hi"}])
+    except Exception as error:
+        print("swallowed", type(error).__name__)
+'''
+
+
+def test_an_error_of_the_proxys_own_fails_the_test_that_swallowed_it(
+        pytester: pytest.Pytester, simulator: SimulatorThread,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upstream out of reach while recording, and a corrupt cassette while replaying: the
+    code under test caught the error, but nothing was recorded or replayed, so the test fails
+    with the proxy's words."""
+    from replay_proxy.tools.testing import free_port
+
+    pytester.makepyfile(test_app=SWALLOWED_ERRORS)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-recording-key")
+    monkeypatch.delenv("CI", raising=False)
+    down = pytester.runpytest_subprocess(
+        "-s", "--replay-mode", "record", "--replay-openai-upstream",
+        f"http://127.0.0.1:{free_port()}", "-p", "no:cacheprovider")
+    down.assert_outcomes(failed=1)
+    assert "swallowed" in down.stdout.str()
+    down.stdout.fnmatch_lines(["*1 request(s) got an error of the proxy's own*",
+                               "*replay-proxy answered 502*"])
+    pytester.runpytest_subprocess(
+        "--replay-mode", "record", "--replay-openai-upstream", simulator.url,
+        "-p", "no:cacheprovider").assert_outcomes(passed=1)
+    [stored] = (pytester.path / "cassettes" / "test_app" / "test_swallows").glob("*.json")
+    stored.write_text("<<<<<<< HEAD\n")
+    corrupt = pytester.runpytest_subprocess("-s", "--replay-mode", "replay",
+                                            "-p", "no:cacheprovider")
+    corrupt.assert_outcomes(failed=1)
+    corrupt.stdout.fnmatch_lines(["*got an error of the proxy's own*"])
+    assert stored.name in corrupt.stdout.str()  # the message names the broken file
+
+
+TEARDOWN_MISS = '''
+import pytest
+from openai import OpenAI
+
+
+@pytest.fixture
+def goodbye():
+    yield
+    try:
+        OpenAI(max_retries=0).models.retrieve("gpt-4o-mini")
+    except Exception:
+        pass
+
+
+@pytest.mark.replay
+def test_nothing_yet(goodbye):
+    pass
+'''
+
+
+def test_a_miss_while_a_fixture_is_torn_down_is_an_error_of_the_test(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makepyfile(test_app=TEARDOWN_MISS)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    result = pytester.runpytest_subprocess("--replay-mode", "replay", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_nothing_yet*",
+                                 "*1 request(s) had no recording*"])
+
+
+BAD_CASSETTE_NAME = '''
+import pytest
+from openai import OpenAI
+
+
+@pytest.mark.replay(cassette="../../escape")
+def test_escapes():
+    OpenAI().models.list()
+
+
+@pytest.mark.replay
+def test_fine(replay_proxy):
+    assert replay_proxy.hits == 0
+'''
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]])
+def test_a_bad_cassette_name_in_a_mark_fails_its_test_only(
+        pytester: pytest.Pytester, simulator: SimulatorThread, monkeypatch: pytest.MonkeyPatch,
+        workers: list[str]) -> None:
+    pytester.makepyfile(test_app=BAD_CASSETTE_NAME)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-recording-key")
+    result = pytester.runpytest_subprocess(
+        *workers, "--replay-mode", "record", "--replay-openai-upstream", simulator.url,
+        "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*Invalid cassette name '../../escape'*"])
+    assert simulator.state.calls == 0
+    assert not (pytester.path / "cassettes" / "default").exists()
+
+
+INTERRUPTED = '''
+import pytest
+from openai import OpenAI
+
+
+@pytest.mark.replay
+def test_interrupted():
+    try:
+        OpenAI(max_retries=0).models.list()
+    except Exception:
+        pass
+    raise KeyboardInterrupt
+
+
+@pytest.mark.replay
+def test_never_reached():
+    pass
+'''
+
+
+def test_ctrl_c_after_a_miss_stops_the_session(pytester: pytest.Pytester,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makepyfile(test_app=INTERRUPTED)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    result = pytester.runpytest_subprocess("--replay-mode", "replay", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    assert "test_never_reached" not in result.stdout.str()

@@ -320,7 +320,8 @@ def checked_defaults(params: Iterable[click.Parameter], values: Mapping[str, Any
     for key, value in values.items():
         option = by_key.get(normalise_key(str(key)))
         if option is None or option.name is None:
-            known = ", ".join(sorted(by_key))
+            known = ", ".join(sorted(name for name, found in by_key.items()
+                                     if found.name not in SECRET_OPTIONS))
             raise ConfigError(f"{where}: unknown key {key!r}. The keys are the long names of "
                               f"replay-proxy serve's options: {known}.")
         if option.name in SECRET_OPTIONS:

@@ -204,11 +204,12 @@ class MissWatch:
     prefix: str  # the sessions this process names
     offset: int = 0
     partial: bytes = b""
-    found: dict[str, list[str]] = field(default_factory=dict)
+    found: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
-    def take(self, session: str) -> list[str]:
-        """The explanations of the misses `session` met (an empty one when the log no longer
-        carries them), forgotten once taken."""
+    def take(self, session: str) -> list[tuple[str, str]]:
+        """The (kind, explanation) of the misses and proxy errors `session` met (`miss` or
+        `error`; an empty explanation when the log no longer carries it), forgotten once
+        taken."""
         try:
             size = os.stat(self.path).st_size
         except FileNotFoundError:
@@ -228,7 +229,8 @@ class MissWatch:
                     continue
                 named = str(miss.get("session", ""))
                 if named.startswith(self.prefix):
-                    self.found.setdefault(named, []).append(str(miss.get("message", "")))
+                    self.found.setdefault(named, []).append(
+                        (str(miss.get("kind", "miss")), str(miss.get("message", ""))))
         return self.found.pop(session, [])
 
 
@@ -383,8 +385,11 @@ class ReplayRun:
         try:
             settings, _ = plugin_settings(self.inputs, replay_config)
         except click.ClickException as exc:
+            message = exc.format_message()
+            if message.startswith("replay_config"):  # it names its source itself
+                raise pytest.UsageError(f"replay-proxy: {message}") from exc
             names = "--replay-* options, REPLAY_PROXY_* variables or replay_* ini keys"
-            raise pytest.UsageError(f"replay-proxy ({names}): {exc.format_message()}") from exc
+            raise pytest.UsageError(f"replay-proxy ({names}): {message}") from exc
         if len(self._settings_cache) < 64:
             self._settings_cache[name] = settings
         return settings
@@ -553,8 +558,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         if _needs_proxy(item):
             marker = item.get_closest_marker("replay")
             named = marker.kwargs.get("cassette") if marker is not None else None
-            cassette = item.stash[_CASSETTE_KEY] = named or cassette_for(item)
-            cassettes.append(cassette)
+            if not (named and _cassette_problem(named)):  # (else the test fails with why)
+                cassette = item.stash[_CASSETTE_KEY] = named or cassette_for(item)
+                cassettes.append(cassette)
             names = getattr(item, "fixturenames", None)
             if marker is not None and names is not None and names[:1] != ["replay_proxy"]:
                 # The mark asks for the fixture, first, so that the environment it sets is
@@ -718,6 +724,12 @@ class ReplaySession:
     def store_errors(self) -> int:
         return int(self.counters()["store_errors"])
 
+    @property
+    def errors(self) -> int:
+        """Requests the proxy answered with an error of its own (the upstream out of reach, a
+        corrupt cassette): nothing was replayed or recorded for them."""
+        return int(self.counters()["errors"])
+
     def last_miss(self) -> str | None:
         last = self.counters()["last_miss"]
         return str(last) if last is not None else None
@@ -726,7 +738,9 @@ class ReplaySession:
 def cassette_for(item: pytest.Item) -> str:
     """The test's own cassette, named after its node id: the folder under the rootdir, the
     module, the class, then the test (`tests/a/test_x.py::TestA::test_call[1]` ->
-    `tests/a/test_x/TestA/test_call-1`), so that two tests can never share one by accident."""
+    `tests/a/test_x/TestA/test_call-1`), so that two tests can never share one by accident: a
+    part that loses characters on the way (`test_q[a/b]`, `test_q[a b]`) ends with a digest of
+    what it was (`test_q-a-b-3f2c9a1b`)."""
     path, *names = item.nodeid.split("::")
     parts = [*path.removesuffix(".py").split("/"), *names]
     segments = [_segment(part) for part in parts if _segment(part)] or ["test"]
@@ -739,9 +753,33 @@ def cassette_for(item: pytest.Item) -> str:
     return name
 
 
+def _cassette_problem(name: object) -> str | None:
+    """Why a cassette name given in a mark cannot be used (None when it can)."""
+    if not isinstance(name, str):
+        return f"a cassette name is a string, not {type(name).__name__}"
+    from ..core.errors import ProxyError
+    from ..core.providers import validate_cassette_name
+
+    try:
+        validate_cassette_name(name)
+    except ProxyError as exc:
+        return exc.message
+    return None
+
+
 def _segment(part: str) -> str:
-    """A part of a node id as a cassette name segment: safe characters, no leading dot."""
-    return _UNSAFE.sub("-", part).strip("-").lstrip(".-")[:128].rstrip(".-")
+    """A part of a node id as a cassette name segment: safe characters, no leading dot. A
+    parametrized test's id in brackets becomes `-id`; any other change is made unique by a
+    digest of the part as it was."""
+    name, bracket, rest = part.partition("[")
+    readable = name + ("-" + rest.removesuffix("]") if bracket else "")
+    segment = _UNSAFE.sub("-", readable).strip("-").lstrip(".-")[:128].rstrip(".-")
+    if segment != readable:
+        import hashlib
+
+        digest = hashlib.sha256(part.encode()).hexdigest()[:8]
+        segment = f"{segment[:119]}-{digest}".lstrip("-")
+    return segment
 
 
 @pytest.fixture
@@ -768,6 +806,11 @@ def replay_proxy(request: pytest.FixtureRequest, replay_config: Mapping[str, Any
     if not isinstance(overrides, Mapping):
         raise pytest.UsageError(f"replay_config must return a dict of options, not "
                                 f"{type(overrides).__name__}")
+    named = options.get("cassette")
+    if named is not None:
+        problem = _cassette_problem(named)
+        if problem is not None:
+            pytest.fail(f"@pytest.mark.replay(cassette=...): {problem}", pytrace=False)
     run: ReplayRun = request.config.stash[_RUN_KEY]
     handle = run.handle_for(overrides)
     cassette = (options.get("cassette") or request.node.stash.get(_CASSETTE_KEY, None)
@@ -811,9 +854,22 @@ def replay_proxy(request: pytest.FixtureRequest, replay_config: Mapping[str, Any
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    """A replay miss fails the test with the proxy's explanation, whatever the code did."""
+    """A replay miss, or an error of the proxy's own, fails the test with the proxy's
+    explanation, whatever the code did with the error it got."""
+    return (yield from _failing_on_misses(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """The same for the requests a fixture makes as it is torn down."""
+    return (yield from _failing_on_misses(item))
+
+
+def _failing_on_misses(item: pytest.Item) -> Iterator[None]:
     try:
         result = yield
+    except (KeyboardInterrupt, SystemExit):
+        raise  # Ctrl-C stops the session, whatever the test met
     except BaseException:
         explanation = _miss_explanation(item)
         if explanation is not None:
@@ -830,9 +886,18 @@ def _miss_explanation(item: pytest.Item) -> str | None:
     replay = item.stash.get(_SESSION_KEY, None)
     if replay is None or replay.handle.watch is None:
         return None
-    missed = replay.handle.watch.take(replay.session)
-    if not missed:
+    noted = replay.handle.watch.take(replay.session)
+    if not noted:
         return None
-    last = missed[-1] or replay.last_miss() or ""
-    return (f"replay-proxy: {len(missed)} request(s) had no recording in cassette "
-            f"'{replay.cassette}' (mode {replay.mode}).\n{last}")
+    missed = [message for kind, message in noted if kind == "miss"]
+    errors = [message for kind, message in noted if kind != "miss"]
+    parts = []
+    if missed:
+        last = missed[-1] or replay.last_miss() or ""
+        parts.append(f"replay-proxy: {len(missed)} request(s) had no recording in cassette "
+                     f"'{replay.cassette}' (mode {replay.mode}).\n{last}")
+    if errors:
+        parts.append(f"replay-proxy: {len(errors)} request(s) got an error of the proxy's own, "
+                     f"not an answer (cassette '{replay.cassette}', mode {replay.mode}): "
+                     "nothing was replayed or recorded for them.\n" + errors[-1])
+    return "\n\n".join(parts)
