@@ -13,13 +13,14 @@ import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypedDict, cast
 
 import multipart  # type: ignore[import-untyped]
 import orjson
 
 from .errors import ProxyError
-from .providers import Route
+from .providers import Provider, Route
 from .rules import Normaliser, Rules
 
 # Fields that never change what the model answers: end-user ids, tags, storage opt-ins and
@@ -42,15 +43,41 @@ CREDENTIAL_QUERY_PARAMS = frozenset({
 })
 
 _MAX_SAFE_INT = 2**53
-# A body that is not JSON is keyed by what it is, under a top-level `body_kind` that no JSON
-# body can set: an upload and a JSON body shaped like its canonical form never share a key.
-# JSON bodies carry no `body_kind`, so their keys are what they always were.
-BODY_MULTIPART = "multipart"
-BODY_BYTES = "bytes"
+
+
+class BodyKind(StrEnum):
+    """A body that is not JSON is keyed by what it is, under a top-level `body_kind` that no JSON
+    body can set: an upload and a JSON body shaped like its canonical form never share a key.
+    JSON bodies carry no `body_kind`, so their keys are what they always were."""
+
+    MULTIPART = "multipart"
+    BYTES = "bytes"
+
+
+BODY_MULTIPART = BodyKind.MULTIPART
+BODY_BYTES = BodyKind.BYTES
 # Limits on one part's headers: generous next to what clients send (a name, a file name, a
 # type), small next to --max-body.
 _MAX_PART_HEADER = 16 * 1024
 _MAX_PART_HEADERS = 16
+
+
+class CanonicalRequest(TypedDict, total=False):
+    """The normalised request the key is computed over, and what an entry stores as its
+    `request`. `keyed_request` sets every field but `body_kind` (set only for a body that is not
+    JSON); every field is optional all the same, because a stored request is read from a file
+    (whose fields are checked, not required) and a normalise hook need only keep `method` and
+    `route`."""
+
+    provider: Provider
+    method: str
+    route: str
+    deployment: str | None
+    api_version: str | None
+    query: list[list[str]]  # sorted [name, value] pairs, without api-version and credentials
+    headers: dict[str, str]  # the keyed headers only (KeyPolicy.matched_headers)
+    body: Any  # the JSON body as keyed (rules applied), or a multipart or binary body's digest
+    body_kind: str  # a BodyKind; absent for JSON and for no body
 
 
 @dataclass(frozen=True)
@@ -103,7 +130,7 @@ class Keyed:
     """A request as keyed: the canonical form the key is computed over (matching rules and the
     normalise hook applied: what is stored), and what the rules changed, for explanations."""
 
-    canonical: dict[str, Any]
+    canonical: CanonicalRequest
     key: str
     changed: Mapping[tuple[str | int, ...], Any]  # body location -> its value before the rules
     dropped: tuple[str, ...]  # ignored paths that removed something from this body
@@ -123,7 +150,7 @@ def keyed_request(request: IncomingRequest, policy: KeyPolicy) -> Keyed:
     if kind is None and policy.rules:
         applied = policy.rules.apply(body)
         body, changed, dropped = applied.body, applied.changed, applied.dropped
-    canonical = {
+    canonical: CanonicalRequest = {
         "provider": route.provider,
         "method": request.method.upper(),
         "route": route.route,
@@ -140,7 +167,7 @@ def keyed_request(request: IncomingRequest, policy: KeyPolicy) -> Keyed:
     return Keyed(canonical, request_key(canonical), changed, dropped)
 
 
-def _normalised(normalise: Normaliser, canonical: dict[str, Any]) -> dict[str, Any]:
+def _normalised(normalise: Normaliser, canonical: CanonicalRequest) -> CanonicalRequest:
     """The user's hook, given a copy; what it returns must still be a JSON-ready request."""
     try:
         result = normalise(orjson.loads(orjson.dumps(canonical)))
@@ -157,15 +184,15 @@ def _normalised(normalise: Normaliser, canonical: dict[str, Any]) -> dict[str, A
             "the canonical request it was given (a dict with method, route, body, ...), "
             "changed where it should be.", status=500, type="server_error",
             code="normalise_failed")
-    return result
+    return cast(CanonicalRequest, result)
 
 
-def canonical_request(request: IncomingRequest, policy: KeyPolicy) -> dict[str, Any]:
+def canonical_request(request: IncomingRequest, policy: KeyPolicy) -> CanonicalRequest:
     """The JSON-ready description of a request that the key is computed over."""
     return keyed_request(request, policy).canonical
 
 
-def request_key(canonical: Mapping[str, Any]) -> str:
+def request_key(canonical: CanonicalRequest) -> str:
     return hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
@@ -189,7 +216,8 @@ def decoded_body(body: bytes, content_encoding: str | None) -> bytes:
     )
 
 
-def canonical_body(request: IncomingRequest, policy: KeyPolicy) -> tuple[Any, str | None]:
+def canonical_body(request: IncomingRequest, policy: KeyPolicy
+                   ) -> tuple[Any, BodyKind | None]:
     """(the keyed form of the body, its `body_kind`: None for JSON and for no body)."""
     body = decoded_body(request.body, request.headers.get("content-encoding"))
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()

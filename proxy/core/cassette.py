@@ -18,11 +18,11 @@ import uuid
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
-from .canonical import is_credential_param
+from .canonical import CanonicalRequest, is_credential_param
 from .errors import CassetteError, ProxyError
 from .providers import parse_route, validate_deployment
 from .sse import event_data
@@ -82,7 +82,7 @@ class Entry:
 
     key: str
     label: str
-    request: dict[str, Any]
+    request: CanonicalRequest
     recordings: tuple[Recording, ...] = ()
     pinned_fingerprint: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -395,7 +395,7 @@ def _rules(value: object) -> dict[str, list[str]]:
     return checked
 
 
-def _request(value: object) -> dict[str, Any]:
+def _request(value: object) -> CanonicalRequest:
     """The canonical request: read by miss explanations, `ls`, and `verify` (which sends it)."""
     request = _object(value, "request")
     provider = request.get("provider")
@@ -431,7 +431,7 @@ def _request(value: object) -> dict[str, Any]:
         if not _HEADER_NAME.fullmatch(name) or name in _REQUEST_HEADERS_REFUSED:
             raise _Invalid(f"{where}: not a header a request is keyed by")
         _header_value(header, where)
-    return request
+    return cast(CanonicalRequest, request)
 
 
 def _recording(value: object, where: str) -> Recording:

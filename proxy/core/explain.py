@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from .canonical import CanonicalRequest
 from .plan import FingerprintNotRecorded, SequenceExhausted
 from .rules import Rules, compare_rules
 
@@ -51,7 +52,7 @@ class Nearest:
     label: str
     key: str
     differences: tuple[Difference, ...]
-    rules: Mapping[str, Any] | None = None  # the rules it was keyed under, as stored
+    rules: Mapping[str, list[str]] | None = None  # the rules it was keyed under, as stored
 
 
 @dataclass(frozen=True)
@@ -115,11 +116,12 @@ def differences(recorded: Any, requested: Any, path: str = "") -> list[Differenc
     return [Difference(path or "(request)", recorded, requested)]
 
 
-Candidate = tuple[str, str, Mapping[str, Any]] | tuple[str, str, Mapping[str, Any],
-                                                     Mapping[str, Any] | None]
+# (label, key, canonical request[, the matching rules it was keyed under, as stored])
+Candidate = (tuple[str, str, CanonicalRequest]
+             | tuple[str, str, CanonicalRequest, Mapping[str, list[str]] | None])
 
 
-def nearest(requested: Mapping[str, Any], candidates: Iterable[Candidate]) -> Nearest | None:
+def nearest(requested: CanonicalRequest, candidates: Iterable[Candidate]) -> Nearest | None:
     """The candidate (label, key, canonical request[, the rules it was keyed under]) with the
     fewest differing fields."""
     best: Nearest | None = None
@@ -140,7 +142,7 @@ INDEXED_FIELDS = 64
 Bucket = tuple[str, str, str, str, str]
 
 
-def bucket(canonical: Mapping[str, Any]) -> Bucket:
+def bucket(canonical: CanonicalRequest) -> Bucket:
     """Where a request is indexed: its provider, method, route, deployment and model. The
     nearest recording is nearly always in the same bucket, and a bucket is a small part of a
     large cassette."""
@@ -149,7 +151,7 @@ def bucket(canonical: Mapping[str, Any]) -> Bucket:
             str(view.get("deployment")), str(view.get("model")))
 
 
-def features(canonical: Mapping[str, Any]) -> tuple[int, ...]:
+def features(canonical: CanonicalRequest) -> tuple[int, ...]:
     """Hashes of a request's fields, two levels deep (`temperature`, `messages[0]`, ...), at
     most INDEXED_FIELDS: two requests share a feature exactly when they agree on that field, so
     the recordings sharing the most features with a request are its nearest candidates. The
@@ -173,7 +175,7 @@ def _canonical_json(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
-def _view(canonical: Mapping[str, Any]) -> dict[str, Any]:
+def _view(canonical: CanonicalRequest) -> dict[str, Any]:
     """Body fields at the top level, where users know them (`temperature`, not `body.temperature`)."""
     view = {name: value for name, value in canonical.items() if name != "body"}
     body = canonical.get("body")
@@ -190,7 +192,7 @@ def _score(found: tuple[Difference, ...]) -> tuple[int, int]:
     return structural, len(found)
 
 
-def explain_miss(cassette: str, canonical: Mapping[str, Any], key: str,
+def explain_miss(cassette: str, canonical: CanonicalRequest, key: str,
                  candidates: Iterable[Candidate], say: OptionSpelling = COMMAND_LINE,
                  indexing: bool = False, notes: RuleNotes | None = None) -> str:
     """`candidates`: the recordings to compare with (the nearest few an index proposes, or

@@ -271,8 +271,9 @@ def _walk(value: Any, location: tuple[str | int, ...], rules: Rules,
     return value
 
 
-def compare_rules(recorded: Mapping[str, Any] | None, current: Rules) -> str | None:
-    """How the rules a key was recorded under differ from today's, or None when they agree."""
+def compare_rules(recorded: Mapping[str, list[str]] | None, current: Rules) -> str | None:
+    """How the rules a key was recorded under (`Rules.describe()`, as stored) differ from
+    today's, or None when they agree."""
     before = {name: list(values) for name, values in (recorded or {}).items()
               if isinstance(values, list)}
     now = current.describe()

@@ -25,8 +25,8 @@ from array import array
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from ..core.canonical import CanonicalRequest
 from ..core.cassette import Entry
 from ..core.errors import CassetteError
 from ..core.explain import Bucket, bucket, features
@@ -43,7 +43,7 @@ FIRST_BUILD_WAIT_S = 5.0  # how long a miss waits for its cassette's first index
 _BLOCKING_STORES = (DirectoryStore, DiskcacheStore)
 
 # label, key, canonical request, the matching rules it was keyed under
-Candidate = tuple[str, str, Mapping[str, Any], Mapping[str, Any] | None]
+Candidate = tuple[str, str, CanonicalRequest, Mapping[str, list[str]] | None]
 
 
 @dataclass
@@ -70,7 +70,7 @@ class CassetteIndex:
     keys: set[str] = field(default_factory=set)
     size: int = 0  # estimated bytes
 
-    def add(self, label: str, key: str, request: Mapping[str, Any]) -> None:
+    def add(self, label: str, key: str, request: CanonicalRequest) -> None:
         if key in self.keys:
             return
         found = features(request)
@@ -78,7 +78,7 @@ class CassetteIndex:
         self.buckets.setdefault(bucket(request), _Bucket()).add(label, key, found)
         self.size += 200 + 12 * len(found)
 
-    async def nearest(self, request: Mapping[str, Any],
+    async def nearest(self, request: CanonicalRequest,
                       limit: int = CANDIDATES) -> list[tuple[str, str]]:
         """The (label, key) of at most `limit` recordings that share the most fields with
         `request`, best first."""
@@ -105,7 +105,7 @@ class CassetteIndex:
                        if member not in taken][: limit - len(chosen)]
         return [home.names[member] for member in chosen]
 
-    def _elsewhere(self, request: Mapping[str, Any], limit: int) -> list[tuple[str, str]]:
+    def _elsewhere(self, request: CanonicalRequest, limit: int) -> list[tuple[str, str]]:
         """No recording in the request's bucket: a few from the closest buckets (same route,
         then same provider), to show what differs."""
         provider, method, route, _, _ = bucket(request)
@@ -174,7 +174,7 @@ class MissIndex:
         self._building: dict[str, asyncio.Task[CassetteIndex]] = {}
 
     async def candidates(self, cassette: str,
-                         request: Mapping[str, Any]) -> list[Candidate] | None:
+                         request: CanonicalRequest) -> list[Candidate] | None:
         """The nearest recordings of `cassette` to `request`, read from the store, or None
         while the cassette's first index is still being built."""
         index = self._indexes.get(cassette)

@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 
 from ..core import fingerprints
+from ..core.canonical import CanonicalRequest
 from ..core.cassette import (
     REPLAYED_HEADERS,
     RULES_CHANGED,
@@ -65,7 +66,7 @@ class Exchange:
     query: dict[str, str]
     headers: dict[str, str]
     body: bytes
-    canonical: dict[str, Any]
+    canonical: CanonicalRequest
     forward: Forward | None
     mode: Mode
     fingerprint: str
@@ -327,10 +328,10 @@ async def commit(state: ProxyState, exchange: Exchange, existing: Entry | None,
         state.count(exchange.cassette, recording.drift.value)
 
 
-def _scrubbed_request(exchange: Exchange) -> dict[str, Any]:
+def _scrubbed_request(exchange: Exchange) -> CanonicalRequest:
     text = orjson.dumps(exchange.canonical).decode()
     cleaned = scrub_text(text, exchange.secrets)
     if cleaned == text:
         return exchange.canonical
-    loaded: dict[str, Any] = orjson.loads(cleaned)
+    loaded: CanonicalRequest = orjson.loads(cleaned)
     return loaded

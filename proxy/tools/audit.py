@@ -20,6 +20,7 @@ import orjson
 from yarl import URL
 
 from ..core import fingerprints
+from ..core.canonical import CanonicalRequest
 from ..core.cassette import RULES_CHANGED, Drift, Entry, Recording
 from ..core.errors import ProxyError
 from ..core.providers import Provider, Route, parse_route
@@ -83,7 +84,7 @@ def resend(entry: Entry) -> Resend | str:
     return Resend(str(request.get("method", "POST")), route, query, headers, payload)
 
 
-def _default_path(request: dict[str, Any]) -> str:
+def _default_path(request: CanonicalRequest) -> str:
     """The path of a recording made before entries kept theirs in `extra`."""
     if request.get("provider") == "openai":
         return f"/v1/{request.get('route')}"
