@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -16,10 +17,20 @@ import orjson
 from .cassette import Drift, Entry, Recording
 from .sse import event_data
 
-PINNED = "pinned"
-LATEST = "latest"
+
+class FingerprintPolicy(StrEnum):
+    """The named choices of which recording to replay (`--fingerprint`, a session's, the
+    X-Replay-Fingerprint header); any other value is a system_fingerprint to look for."""
+
+    PINNED = "pinned"  # the first recording under the key's pinned fingerprint
+    LATEST = "latest"  # the last recording made
 
 
+# A named policy, or a system_fingerprint value: what `--fingerprint` and its overrides hold.
+FingerprintChoice = FingerprintPolicy | str
+
+PINNED = FingerprintPolicy.PINNED
+LATEST = FingerprintPolicy.LATEST
 
 # Fields that differ on every call without the answer changing.
 _VOLATILE = frozenset({"id", "created", "created_at", "system_fingerprint", "completed_at",
@@ -33,7 +44,7 @@ class Selection:
     reason: str = ""
 
 
-def select(entry: Entry, policy: str) -> Selection:
+def select(entry: Entry, policy: FingerprintChoice) -> Selection:
     """`pinned` (the first recording under the pinned fingerprint), `latest`, or a value."""
     if not entry.recordings:
         return Selection(None, None, "the key has no recordings")

@@ -19,6 +19,7 @@ from enum import StrEnum
 
 from . import fingerprints
 from .cassette import Drift, Entry, Recording
+from .fingerprints import FingerprintChoice
 from .modes import Mode
 
 
@@ -97,7 +98,8 @@ class Passthrough:
 Plan = Replay | Miss | Forward | Passthrough
 
 
-def plan(mode: Mode, entry: Entry | None, *, fingerprint: str, occurrence: int | None,
+def plan(mode: Mode, entry: Entry | None, *, fingerprint: FingerprintChoice,
+         occurrence: int | None,
          method: str, stale_before: str | None = None) -> Plan:
     """The plan for one request. `mode` is resolved (never AUTO); `occurrence` is None unless
     the key is sequenced, else the request's 1-based place among identical requests of its

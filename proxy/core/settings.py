@@ -19,6 +19,7 @@ from .defaults import (
     OPENAI_UPSTREAM,
 )
 from .explain import COMMAND_LINE, OptionSpelling
+from .fingerprints import FingerprintChoice, FingerprintPolicy
 from .modes import Mode
 from .routes import SequencePolicy
 from .rules import Rules
@@ -74,7 +75,7 @@ class Settings:
     record_errors: bool = False
     key_policy: KeyPolicy = field(default_factory=KeyPolicy)
     max_body: int = DEFAULT_MAX_BODY
-    fingerprint: str = "pinned"
+    fingerprint: FingerprintChoice = FingerprintPolicy.PINNED
     replay_timing: ReplayTiming = field(default_factory=ReplayTiming)
     inject_seed: int | None = None
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT  # seconds without upstream data

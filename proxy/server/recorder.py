@@ -29,6 +29,7 @@ from ..core.cassette import (
     now_iso,
 )
 from ..core.errors import UpstreamError
+from ..core.fingerprints import FingerprintChoice
 from ..core.modes import Mode
 from ..core.plan import Forward, Replay, plan, stored_entry
 from ..core.providers import Route
@@ -69,7 +70,7 @@ class Exchange:
     canonical: CanonicalRequest
     forward: Forward | None
     mode: Mode
-    fingerprint: str
+    fingerprint: FingerprintChoice
     occurrence: int | None
     secrets: tuple[bytes, ...]
     stale_before: str | None = None  # --max-age, as the plan takes it

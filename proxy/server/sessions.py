@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from ..core.fingerprints import FingerprintChoice
 from ..core.modes import Mode
 
 log = logging.getLogger("replay_proxy")
@@ -46,7 +47,7 @@ class SessionRecord:
     counts: Counter[str] = field(default_factory=Counter)
     last_miss: str | None = None
     mode: Mode | None = None  # resolved: never AUTO
-    fingerprint: str | None = None
+    fingerprint: FingerprintChoice | None = None
     # Flights this session started, until they are stored: its counters are final after them.
     pumps: set[asyncio.Task[None]] = field(default_factory=set)
 

@@ -15,6 +15,7 @@ import orjson
 
 from ..core.cassette import Entry, Recording, is_key, is_label
 from ..core.errors import ProxyError
+from ..core.fingerprints import FingerprintChoice
 from ..core.modes import Mode
 from ..core.settings import Settings
 from ..store import Store
@@ -44,7 +45,7 @@ class CassetteOptions:
     """Per-cassette overrides, set by the pytest plugin for one test."""
 
     mode: Mode | None = None
-    fingerprint: str | None = None
+    fingerprint: FingerprintChoice | None = None
 
 
 @dataclass(frozen=True)
@@ -198,8 +199,8 @@ class ProxyState:
         override = self.overrides.get(cassette)
         return override.mode if override and override.mode else self.mode
 
-    def fingerprint_for(self, cassette: str, requested: str | None,
-                        session: SessionRecord | None = None) -> str:
+    def fingerprint_for(self, cassette: str, requested: FingerprintChoice | None,
+                        session: SessionRecord | None = None) -> FingerprintChoice:
         if requested:
             return requested
         if session is not None and session.fingerprint:
