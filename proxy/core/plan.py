@@ -40,6 +40,16 @@ class Position:
         return f"{self.occurrence}/{self.recorded}"
 
 
+class ReplayStatus(StrEnum):
+    """How a request was answered, as the X-Replay-Status header tells the client."""
+
+    HIT = "hit"  # from a stored recording
+    MISS = "miss"  # refused: no recording answers it
+    RECORDED = "recorded"  # the upstream's answer, stored
+    PASSTHROUGH = "passthrough"  # the upstream's answer, not stored
+    ERROR = "error"  # the proxy's own error (a bad request, an upstream that failed, ...)
+
+
 class Storage(StrEnum):
     """How a forwarded answer is stored."""
 

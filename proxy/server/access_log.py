@@ -20,12 +20,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from ..core.plan import ReplayStatus
+
 LOGGER = "replay_proxy.access"
 log = logging.getLogger(LOGGER)
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 # Statuses whose HTTP status is the upstream's own (a hit or a miss never reached it).
-_FORWARDED = frozenset({"recorded", "passthrough"})
+_FORWARDED = frozenset({ReplayStatus.RECORDED, ReplayStatus.PASSTHROUGH})
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class Access:
     path: str
     cassette: str | None
     key: str | None  # the first 16 characters
-    replay_status: str
+    replay_status: str  # a ReplayStatus, as the answer's header says; `-` when it has none
     status: int
     upstream_status: int | None
     ms: float
@@ -100,7 +102,7 @@ class Misses(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         access = getattr(record, "access", None)
-        if not isinstance(access, Access) or access.replay_status != "miss":
+        if not isinstance(access, Access) or access.replay_status != ReplayStatus.MISS:
             return
         if len(self.found) < self.limit:
             self.found.append(access)

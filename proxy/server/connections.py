@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from ..core.errors import error_body
+from ..core.plan import ReplayStatus
 
 log = logging.getLogger("replay_proxy")
 
@@ -175,7 +176,8 @@ class ProxyConnection(RequestHandler):
                     "its request line and headers must be well-formed.")
             body = error_body(text, "invalid_request_error", "malformed_request")
         response = web.Response(status=status, body=body, content_type="application/json",
-                                headers={"X-Replay-Status": "error", "x-should-retry": "false"})
+                                headers={"X-Replay-Status": ReplayStatus.ERROR,
+                                         "x-should-retry": "false"})
         response.force_close()
         return response
 
@@ -188,7 +190,7 @@ async def _refuse_over_limit(request: web.BaseRequest) -> web.StreamResponse:
         "refused. Retry shortly, or raise --max-connections.",
         "server_error", "too_many_connections")
     response = web.Response(status=503, body=body, content_type="application/json",
-                            headers={"X-Replay-Status": "error", "x-should-retry": "true",
+                            headers={"X-Replay-Status": ReplayStatus.ERROR, "x-should-retry": "true",
                                      "Retry-After": "1"})
     response.force_close()
     return response

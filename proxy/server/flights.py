@@ -11,6 +11,9 @@ import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+from ..core.cassette import Drift
+from ..core.plan import ReplayStatus
+
 log = logging.getLogger("replay_proxy")
 
 
@@ -19,8 +22,8 @@ class Head:
     status: int
     headers: dict[str, str]
     is_stream: bool
-    replay_status: str  # what X-Replay-Status says: recorded or passthrough
-    drift: str | None = None
+    replay_status: ReplayStatus  # what X-Replay-Status says: recorded or passthrough (or hit)
+    drift: Drift | None = None
 
 
 class FlightCut(Exception):

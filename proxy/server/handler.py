@@ -35,6 +35,7 @@ from ..core.plan import (
     NotRecorded,
     Passthrough,
     Replay,
+    ReplayStatus,
     SequenceExhausted,
     plan,
 )
@@ -56,7 +57,8 @@ from .connections import ConnectionLimits, ProxyConnection, ProxyServer, descrip
 from .flights import ClientGone, Flight, FlightCut
 from .recorder import Exchange, pump, replay_headers
 from .serving import loop_name
-from .sessions import COUNTING, MAX_FINGERPRINT, MAX_MISS_TEXT, MissLog, SessionRecord
+from .sessions import (COUNTING, MAX_FINGERPRINT, MAX_MISS_TEXT, CounterName, MissLog,
+                       SessionRecord)
 from .state import HotKey, HotReply, ProxyState
 from .upstream import UPSTREAM_CONNECTIONS, Upstream, client_timeout
 from .usage import UsageLog, new_run_id
@@ -161,7 +163,7 @@ class ProxyRunner(web.BaseRunner):
 
 
 async def _flush_usage(state: ProxyState, every: float = 1.0) -> None:
-    last: dict[str, int] = {}
+    last: dict[CounterName, int] = {}
     while True:
         await asyncio.sleep(every)
         if state.usage is not None and dict(state.totals) != last:
@@ -178,7 +180,8 @@ _RETRYABLE = frozenset({"upstream_unreachable", "upstream_timeout", "upstream_cu
 
 def error_response(exc: ProxyError, headers: dict[str, str] | None = None) -> web.Response:
     retry = "true" if exc.code in _RETRYABLE else "false"
-    all_headers = {"X-Replay-Status": "error", "x-should-retry": retry, **(headers or {})}
+    all_headers = {"X-Replay-Status": ReplayStatus.ERROR, "x-should-retry": retry,
+                   **(headers or {})}
     return web.Response(status=exc.status, body=exc.body(), content_type="application/json",
                         headers=all_headers)
 
@@ -400,7 +403,7 @@ async def _answer(request: web.BaseRequest, state: ProxyState, body: bytes, hot_
             usage = recording.usage or {}
             tokens = usage["total_tokens"] if isinstance(usage.get("total_tokens"), int) else 0
             reply_headers = {**replay_headers(settings, decision), **base_headers,
-                             "X-Replay-Status": "hit"}
+                             "X-Replay-Status": ReplayStatus.HIT}
             if decision.stale:  # older than --max-age: replayed, and counted for the summary
                 state.count(cassette, "stale")
             elif decision.position is None:  # an answer that never changes: answer it at once
@@ -415,7 +418,7 @@ async def _answer(request: web.BaseRequest, state: ProxyState, body: bytes, hot_
             state.count(cassette, "misses")
             error = await _miss_error(state, decision, cassette, session, keyed, route)
             state.note_miss(cassette, session, record, error.message)
-            return error_response(error, {**base_headers, "X-Replay-Status": "miss"})
+            return error_response(error, {**base_headers, "X-Replay-Status": ReplayStatus.MISS})
         case Forward() | Passthrough():
             forward = decision if isinstance(decision, Forward) else None
             exchange = Exchange(
@@ -448,7 +451,7 @@ def _joined_sequence(flight: Flight) -> bool:
     """Whether the flight's answer is now part of its key's sequence (replayed or stored)."""
     head = flight.head
     return (flight.error is None and flight.kept and head is not None
-            and head.replay_status in ("hit", "recorded"))
+            and head.replay_status in (ReplayStatus.HIT, ReplayStatus.RECORDED))
 
 
 def _stale_before(settings: Settings) -> str | None:

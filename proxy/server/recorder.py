@@ -31,7 +31,7 @@ from ..core.cassette import (
 from ..core.errors import UpstreamError
 from ..core.fingerprints import FingerprintChoice
 from ..core.modes import Mode
-from ..core.plan import Forward, Replay, plan, stored_entry
+from ..core.plan import Forward, Replay, ReplayStatus, plan, stored_entry
 from ..core.providers import Route
 from ..core.scrub import scrub, scrub_stream, scrub_text
 from ..core.settings import Settings
@@ -43,6 +43,7 @@ from .capture import (
     stream_complete,
 )
 from .flights import Flight, FlightCut, Head
+from .sessions import DRIFT_COUNTERS
 from .state import ProxyState
 
 log = logging.getLogger("replay_proxy")
@@ -147,7 +148,7 @@ async def pump(state: ProxyState, exchange: Exchange, flight: Flight) -> None:
     for chunk in [event.raw for event in recording.events or ()] or [recording.body]:
         flight.push(chunk)
     flight.start(Head(recording.status, replay_headers(state.settings, decision),
-                      recording.is_stream, "hit"))
+                      recording.is_stream, ReplayStatus.HIT))
     flight.finish()
 
 
@@ -165,7 +166,7 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
     max_answer = state.settings.max_answer
     async with response:
         keep = forward is not None and storable(response.status, state.settings.record_errors)
-        replay_status = "recorded" if keep else "passthrough"
+        replay_status = ReplayStatus.RECORDED if keep else ReplayStatus.PASSTHROUGH
         headers = live_headers(response.headers)
         if keep and forward is not None and forward.position is not None:
             # This answer joins the sequence as its next recording.
@@ -180,7 +181,7 @@ async def _forward(state: ProxyState, exchange: Exchange, flight: Flight,
                     _too_large(state, exchange, large.size, max_answer)
                 flight.kept = False
                 flight.unshare()
-                flight.start(Head(response.status, headers, True, "passthrough"))
+                flight.start(Head(response.status, headers, True, ReplayStatus.PASSTHROUGH))
                 for part in large.parts:
                     flight.push(part)
                 large.parts.clear()
@@ -326,7 +327,7 @@ async def commit(state: ProxyState, exchange: Exchange, existing: Entry | None,
     state.used(exchange.cassette, exchange.key)
     state.count(exchange.cassette, "recorded")
     if recording.drift is not None:
-        state.count(exchange.cassette, recording.drift.value)
+        state.count(exchange.cassette, DRIFT_COUNTERS[recording.drift])
 
 
 def _scrubbed_request(exchange: Exchange) -> CanonicalRequest:

@@ -23,10 +23,11 @@ from collections import Counter
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 import orjson
 
+from ..core.cassette import Drift
 from ..core.fingerprints import FingerprintChoice
 from ..core.modes import Mode
 
@@ -37,14 +38,23 @@ MAX_MISS_TEXT = 4096  # characters of a session's last explanation kept in memor
 MAX_MISS_BYTES = 4 * 1024 * 1024  # of all kept explanations together
 MAX_MISS_LOG_BYTES = 32 * 1024 * 1024  # past it, the log's lines name the session only
 MAX_FINGERPRINT = 200
+# What a proxy counts, per cassette and per session: /_replay/stats, the run files, summaries.
+CounterName = Literal["hits", "hot_hits", "misses", "recorded", "stale", "upstream_calls",
+                      "store_errors", "too_large", "tokens_replayed", "errors",
+                      "same", "drift:fingerprint", "drift:output"]
+# A refresh counts each answer by how it compared with the recording (`Drift`'s values).
+DRIFT_COUNTERS: Final[dict[Drift, CounterName]] = {
+    Drift.SAME: "same", Drift.FINGERPRINT: "drift:fingerprint", Drift.OUTPUT: "drift:output",
+}
 # The counters a session reports (zero when nothing happened).
-SESSION_COUNTERS = ("hits", "misses", "recorded", "upstream_calls", "store_errors",
-                    "too_large", "tokens_replayed", "errors")
+SESSION_COUNTERS: tuple[CounterName, ...] = (
+    "hits", "misses", "recorded", "upstream_calls", "store_errors", "too_large",
+    "tokens_replayed", "errors")
 
 
 @dataclass
 class SessionRecord:
-    counts: Counter[str] = field(default_factory=Counter)
+    counts: Counter[CounterName] = field(default_factory=Counter)
     last_miss: str | None = None
     mode: Mode | None = None  # resolved: never AUTO
     fingerprint: FingerprintChoice | None = None

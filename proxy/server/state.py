@@ -23,7 +23,7 @@ from ..store.directory import DirectoryStore
 from ..store.diskcache_store import DiskcacheStore
 from .flights import SingleFlight
 from .misses import MissIndex
-from .sessions import COUNTING, MissLog, SessionRecord, Sessions
+from .sessions import COUNTING, CounterName, MissLog, SessionRecord, Sessions
 from .upstream import Upstream
 from .usage import UsageLog, new_run_id
 
@@ -57,9 +57,9 @@ class HotReply:
     recording: Recording
     headers: dict[str, str]
     tokens: int
-    counts: Counter[str]  # the cassette's counters, so a hit counts itself without lookups
+    counts: Counter[CounterName]  # the cassette's counters, so a hit counts itself without lookups
     size: int = 0  # bytes it holds, with its key: set by remember_hot
-    session_counts: Counter[str] | None = None  # the named session's, likewise
+    session_counts: Counter[CounterName] | None = None  # the named session's, likewise
 
 
 def recording_size(recording: Recording) -> int:
@@ -87,12 +87,12 @@ class ProxyState:
     upstream: Upstream | None = None
     flights: SingleFlight = field(default_factory=SingleFlight)
     overrides: dict[str, CassetteOptions] = field(default_factory=dict)
-    by_cassette: dict[str, Counter[str]] = field(default_factory=dict)
+    by_cassette: dict[str, Counter[CounterName]] = field(default_factory=dict)
     usage: UsageLog | None = None
     last_miss: dict[str, str] = field(default_factory=dict)
     hot: dict[HotKey, HotReply] = field(default_factory=dict)
     # Counts of cassettes whose counters were let go (COUNTED_CASSETTES), part of the totals.
-    retired: Counter[str] = field(default_factory=Counter)
+    retired: Counter[CounterName] = field(default_factory=Counter)
     retired_cassettes: int = 0
     counted_cassettes: int = COUNTED_CASSETTES
     _hot_bytes: int = 0
@@ -146,7 +146,7 @@ class ProxyState:
         if self.usage is not None:
             self.usage.note(cassette, key)
 
-    def counts_for(self, cassette: str) -> Counter[str]:
+    def counts_for(self, cassette: str) -> Counter[CounterName]:
         counts = self.by_cassette.get(cassette)
         if counts is None:
             if len(self.by_cassette) >= self.counted_cassettes:
@@ -161,7 +161,7 @@ class ProxyState:
         self.last_miss.pop(oldest, None)
         self.forget_hot()  # hot replies hold their cassette's counter: count anew
 
-    def count(self, cassette: str, event: str, amount: int = 1) -> None:
+    def count(self, cassette: str, event: CounterName, amount: int = 1) -> None:
         self.counts_for(cassette)[event] += amount
         session = COUNTING.get()
         if session is not None:
@@ -187,8 +187,8 @@ class ProxyState:
                                 kind="error")
 
     @property
-    def totals(self) -> Counter[str]:
-        summed: Counter[str] = Counter(self.retired)
+    def totals(self) -> Counter[CounterName]:
+        summed: Counter[CounterName] = Counter(self.retired)
         for counts in self.by_cassette.values():
             summed.update(counts)
         return summed

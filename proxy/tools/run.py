@@ -26,6 +26,7 @@ import orjson
 from ..core.modes import Mode
 from ..core.settings import Settings
 from ..server.access_log import LOGGER, Misses
+from ..server.sessions import CounterName
 from .configuration import DUMMY_API_KEY
 
 _COUNTERS = (("hits", "hit", "hits"), ("misses", "miss", "misses"),
@@ -167,7 +168,7 @@ def _plural(count: int, one: str, many: str) -> str:
 
 
 def summary_text(head: str, totals: Mapping[str, Any], misses: Misses,
-                 by_cassette: Mapping[str, Counter[str]], last_miss: Mapping[str, str],
+                 by_cassette: Mapping[str, Counter[CounterName]], last_miss: Mapping[str, str],
                  log_format: str = "text") -> str:
     """One line of counters, then the requests that missed: each one when the access log named
     them, else the count per cassette and the last explanation."""
