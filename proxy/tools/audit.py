@@ -13,7 +13,7 @@ import itertools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, Literal
 
 import aiohttp
 import orjson
@@ -35,7 +35,12 @@ from ..server.upstream import Upstream, client_timeout
 _HASHED_BEFORE_BODY_KIND = ({"multipart"}, {"sha256", "size", "content_type"})
 _KEY_VARIABLES = {"openai": "OPENAI_API_KEY", "azure": "AZURE_OPENAI_API_KEY"}
 
-SAME, SKIPPED, ERROR = "same", "skipped", "error"
+# What verify found for a key: how the fresh answer compared with the recording, or why it
+# has no comparison (the key was skipped, or the upstream gave no usable answer).
+VerdictResult = Drift | Literal["skipped", "error"]
+SAME: Final = Drift.SAME
+SKIPPED: Final = "skipped"
+ERROR: Final = "error"
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class Verdict:
     cassette: str
     key: str
     route: str
-    result: str  # same, drift:fingerprint, drift:output, skipped, error
+    result: VerdictResult
     detail: str = ""
     recording: Recording | None = None  # the fresh answer, scrubbed, when it was compared
 
@@ -186,7 +191,7 @@ async def verify(items: Sequence[tuple[str, Entry]], settings: Settings,
         async def one(cassette: str, entry: Entry) -> Verdict:
             route_name = str(entry.request.get("route"))
 
-            def verdict(result: str, detail: str = "",
+            def verdict(result: VerdictResult, detail: str = "",
                         recording: Recording | None = None) -> Verdict:
                 return Verdict(cassette, entry.key, route_name, result, detail, recording)
 
@@ -237,7 +242,7 @@ async def verify(items: Sequence[tuple[str, Entry]], settings: Settings,
             if result is not Drift.SAME and before is not None:
                 detail = fingerprints.word_diff(fingerprints.answer_text(before),
                                                 fingerprints.answer_text(fresh))
-            return verdict(result.value, detail, fresh)
+            return verdict(result, detail, fresh)
 
         async def counted(cassette: str, entry: Entry) -> Verdict:
             settled = await one(cassette, entry)
