@@ -80,6 +80,17 @@ class CanonicalRequest(TypedDict, total=False):
     body_kind: str  # a BodyKind; absent for JSON and for no body
 
 
+class MultipartPart(TypedDict, total=False):
+    """One part of a multipart body as keyed: a text field by its `value`, a file (or a value
+    that is not UTF-8) by the `sha256` and `size` of its bytes."""
+
+    name: str
+    value: str
+    content_type: str | None
+    sha256: str
+    size: int
+
+
 @dataclass(frozen=True)
 class KeyPolicy:
     """How a request becomes its key: the top-level fields left out, the headers kept, the
@@ -279,12 +290,12 @@ def normalise_value(value: Any) -> Any:
     return value
 
 
-def multipart_parts(body: bytes, content_type: str) -> list[dict[str, Any]]:
+def multipart_parts(body: bytes, content_type: str) -> list[MultipartPart]:
     """Key a multipart/form-data body by its parts, in order of name (repeated names keep their
     order). A text field by its value; a file, or a value that is not UTF-8, by the sha256 of its
     bytes, never its file name: two different files never share a key, a renamed one does."""
     boundary = _boundary(content_type)
-    parts: list[dict[str, Any]] = []
+    parts: list[MultipartPart] = []
     segment: Any = None  # the part being read: its headers
     content: list[bytes] = []
     try:
@@ -305,8 +316,8 @@ def multipart_parts(body: bytes, content_type: str) -> list[dict[str, Any]]:
     return parts
 
 
-def _part(segment: Any, content: bytes) -> dict[str, Any]:
-    part: dict[str, Any] = {"name": segment.name}
+def _part(segment: Any, content: bytes) -> MultipartPart:
+    part: MultipartPart = {"name": segment.name}
     declared_type = segment.header("Content-Type")
     if segment.filename is None and not _names_a_file(segment.header("Content-Disposition", "")):
         try:
@@ -317,8 +328,8 @@ def _part(segment: Any, content: bytes) -> dict[str, Any]:
             if declared_type is not None:
                 part["content_type"] = declared_type
             return part
-    part.update(sha256=hashlib.sha256(content).hexdigest(), size=len(content),
-                content_type=declared_type)
+    part.update({"sha256": hashlib.sha256(content).hexdigest(), "size": len(content),
+                 "content_type": declared_type})
     return part
 
 

@@ -235,7 +235,7 @@ def _encode_recording(recording: Recording) -> dict[str, Any]:
 _EVENT = re.compile(rb"(?:event: ([A-Za-z0-9_.\-]+)\n)?data: (\{.*\})\n\n", re.S)
 
 
-def _event_text(name: str | None, data: Any) -> bytes:
+def _event_text(name: str | None, data: object) -> bytes:
     head = f"event: {name}\n".encode() if name is not None else b""
     return head + b"data: " + orjson.dumps(data) + b"\n\n"
 

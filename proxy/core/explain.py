@@ -39,8 +39,8 @@ PYTEST_OPTIONS = OptionSpelling("--replay-", "pytest")
 @dataclass(frozen=True)
 class Difference:
     path: str
-    recorded: Any
-    requested: Any
+    recorded: object  # a JSON value, or _MISSING where the field is absent
+    requested: object
 
     def render(self) -> str:
         recorded, requested = _show_pair(self.recorded, self.requested)
@@ -65,7 +65,7 @@ class RuleNotes:
     changed: Mapping[tuple[str | int, ...], Any]
     dropped: tuple[str, ...] = ()
 
-    def before_rules(self, path: str) -> Any:
+    def before_rules(self, path: str) -> object:
         """The value at a difference's path before the rules changed it, or _MISSING."""
         for location, value in self.changed.items():
             if _location_path(location) == path:
@@ -79,7 +79,7 @@ class RuleNotes:
                      or ignored.covers(_path_location(path))), None)
 
 
-def _location_path(location: Iterable[Any]) -> str:
+def _location_path(location: Iterable[object]) -> str:
     """("messages", 0, "content") -> "messages[0].content", as a Difference names its path."""
     text = ""
     for step in location:
@@ -97,7 +97,7 @@ def _path_location(path: str) -> tuple[str | int, ...]:
     return tuple(steps)
 
 
-def differences(recorded: Any, requested: Any, path: str = "") -> list[Difference]:
+def differences(recorded: object, requested: object, path: str = "") -> list[Difference]:
     if isinstance(recorded, Mapping) and isinstance(requested, Mapping):
         found: list[Difference] = []
         for name in sorted(set(recorded) | set(requested), key=str):
@@ -171,7 +171,7 @@ def features(canonical: CanonicalRequest) -> tuple[int, ...]:
     return tuple(found[:INDEXED_FIELDS])
 
 
-def _canonical_json(value: Any) -> bytes:
+def _canonical_json(value: object) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
@@ -268,13 +268,13 @@ def ordinal(number: int) -> str:
     return f"{number}{suffix}"
 
 
-def _show_pair(recorded: Any, requested: Any) -> tuple[str, str]:
+def _show_pair(recorded: object, requested: object) -> tuple[str, str]:
     if isinstance(recorded, str) and isinstance(requested, str):
         return _clip_pair(recorded, requested)
     return _show(recorded), _show(requested)
 
 
-def _show(value: Any) -> str:
+def _show(value: object) -> str:
     if value is _MISSING:
         return "(absent)"
     if isinstance(value, str):
@@ -284,7 +284,7 @@ def _show(value: Any) -> str:
     return rendered if len(rendered) <= 2 * _SHOWN else rendered[: 2 * _SHOWN] + "..."
 
 
-def _compact(value: Any) -> str:
+def _compact(value: object) -> str:
     return orjson.dumps(value).decode()
 
 

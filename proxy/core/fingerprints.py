@@ -112,7 +112,7 @@ def answer_text(recording: Recording) -> str:
     return "".join(pieces)
 
 
-def _text_of(body: Any) -> str:
+def _text_of(body: object) -> str:
     if not isinstance(body, dict):
         return ""
     pieces: list[str] = []
@@ -127,7 +127,7 @@ def _text_of(body: Any) -> str:
     return "".join(pieces)
 
 
-def _objects(value: Any) -> list[dict[str, Any]]:
+def _objects(value: object) -> list[dict[str, Any]]:
     """The objects of a JSON list, skipping anything else: answers (from an upstream, or a
     cassette someone edited) need not have the shape the API documents."""
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []

@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 
 class RouteClass(StrEnum):
@@ -41,7 +40,7 @@ class GenerationRoute:
     pattern: str  # '/'-separated segments; `*` matches any one segment
     unless_body: str | None = None  # a body field that, when true, makes the request stateful
 
-    def matches(self, method: str, segments: list[str], body: Any) -> bool:
+    def matches(self, method: str, segments: list[str], body: object) -> bool:
         wanted = self.pattern.split("/")
         if method != self.method or len(wanted) != len(segments):
             return False
@@ -66,7 +65,7 @@ GENERATION_ROUTES: tuple[GenerationRoute, ...] = (
 )
 
 
-def route_class(method: str, route: str, body: Any) -> RouteClass:
+def route_class(method: str, route: str, body: object) -> RouteClass:
     """The class of `METHOD route` (e.g. `POST chat/completions`); `body` is the parsed JSON."""
     segments = route.split("/")
     upper = method.upper()

@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import aiohttp
 import orjson
@@ -87,14 +86,14 @@ def storable(status: int, record_errors: bool) -> bool:
     return record_errors and not transient
 
 
-def live_headers(upstream_headers: Any) -> dict[str, str]:
+def live_headers(upstream_headers: Mapping[str, str]) -> dict[str, str]:
     return {
         name: value for name, value in upstream_headers.items()
         if name.lower() not in _LIVE_DROPPED
     }
 
 
-def stored_headers(upstream_headers: Any) -> dict[str, str]:
+def stored_headers(upstream_headers: Mapping[str, str]) -> dict[str, str]:
     return {
         name.lower(): value for name, value in upstream_headers.items()
         if name.lower() in REPLAYED_HEADERS
@@ -275,7 +274,7 @@ def _cut_error(exchange: Exchange, exc: BaseException) -> UpstreamError:
         f"({exc.__class__.__name__}); nothing was stored.", code="upstream_cut")
 
 
-def body_recording(status: int, headers: Any, body: bytes, secrets: tuple[bytes, ...],
+def body_recording(status: int, headers: Mapping[str, str], body: bytes, secrets: tuple[bytes, ...],
                    duration_ms: float, redactions: Sequence[re.Pattern[str]] = ()) -> Recording:
     """A whole-body answer as stored: scrubbed of credentials and of what the user redacts,
     with its fingerprint, model and usage."""
@@ -286,7 +285,7 @@ def body_recording(status: int, headers: Any, body: bytes, secrets: tuple[bytes,
                      recorded_at=now_iso(), duration_ms=duration_ms)
 
 
-def stream_recording(status: int, headers: Any, events: list[SseEvent],
+def stream_recording(status: int, headers: Mapping[str, str], events: list[SseEvent],
                      secrets: tuple[bytes, ...], duration_ms: float,
                      redactions: Sequence[re.Pattern[str]] = ()) -> Recording:
     raws = scrub_stream([event.raw for event in events], secrets, redactions)  # split ones too

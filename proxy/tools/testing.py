@@ -13,10 +13,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -25,6 +25,8 @@ from ..server.handler import ProxyRunner, ReplayProxy
 from ..server.serving import new_event_loop
 from ..server.state import ProxyState
 from .simulator import SIM_STATE, SimulatorState, create_simulator
+
+_T = TypeVar("_T")
 
 # What a client connects to for a server bound to a wildcard address.
 _REACHABLE = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
@@ -67,14 +69,14 @@ class ServerThread:
         assert server is not None and hasattr(server, "sockets")
         self.port = int(server.sockets[0].getsockname()[1])
 
-    def call(self, coroutine: Any, timeout: float = 30) -> Any:
+    def call(self, coroutine: Coroutine[Any, Any, _T], timeout: float = 30) -> _T:
         """Run a coroutine on the server's loop (e.g. to read its state safely)."""
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=timeout)
 
-    def invoke(self, function: Callable[[], Any], timeout: float = 30) -> Any:
+    def invoke(self, function: Callable[[], _T], timeout: float = 30) -> _T:
         """Run a plain function on the server's loop thread, where its state is safe to change."""
 
-        async def run() -> Any:
+        async def run() -> _T:
             return function()
 
         return self.call(run(), timeout)
