@@ -190,8 +190,8 @@ async def _refuse_over_limit(request: web.BaseRequest) -> web.StreamResponse:
         "refused. Retry shortly, or raise --max-connections.",
         "server_error", "too_many_connections")
     response = web.Response(status=503, body=body, content_type="application/json",
-                            headers={"X-Replay-Status": ReplayStatus.ERROR, "x-should-retry": "true",
-                                     "Retry-After": "1"})
+                            headers={"X-Replay-Status": ReplayStatus.ERROR,
+                                     "x-should-retry": "true", "Retry-After": "1"})
     response.force_close()
     return response
 
