@@ -57,8 +57,7 @@ from .connections import ConnectionLimits, ProxyConnection, ProxyServer, descrip
 from .flights import ClientGone, Flight, FlightCut
 from .recorder import Exchange, pump, replay_headers
 from .serving import loop_name
-from .sessions import (COUNTING, MAX_FINGERPRINT, MAX_MISS_TEXT, CounterName, MissLog,
-                       SessionRecord)
+from .sessions import COUNTING, MAX_FINGERPRINT, MAX_MISS_TEXT, CounterName, MissLog, SessionRecord
 from .state import HotKey, HotReply, ProxyState
 from .upstream import UPSTREAM_CONNECTIONS, Upstream, client_timeout
 from .usage import UsageLog, new_run_id
@@ -354,7 +353,7 @@ async def _serve(request: web.BaseRequest, state: ProxyState, body: bytes,
                            f"internal error ({exc.__class__.__name__}: {exc})")
         raise
     if (response.status >= 500 and isinstance(response, web.Response)
-            and response.headers.get("X-Replay-Status") == "error"):
+            and response.headers.get("X-Replay-Status") == ReplayStatus.ERROR):
         # The proxy's own answer (the upstream out of reach, the store down), not the
         # provider's: nothing was replayed or recorded for this request.
         state.note_failure(cassette, session, response.status,
