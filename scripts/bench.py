@@ -88,21 +88,7 @@ app.router.add_route("*", "/{tail:.*}", answer)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
 """
 # The same bytes on the machinery replay-proxy itself runs on: aiohttp's low-level server, uvloop.
-BARE_LOWLEVEL = """
-import asyncio, sys
-import uvloop
-from aiohttp import web
-body = open(sys.argv[2], "rb").read()
-async def answer(request):
-    await request.read()
-    return web.Response(body=body, content_type="application/json")
-async def main():
-    runner = web.ServerRunner(web.Server(answer, access_log=None))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", int(sys.argv[1])).start()
-    await asyncio.Event().wait()
-uvloop.run(main())
-"""
+BARE_LOWLEVEL = bench_suite.FLOOR_SERVER
 
 
 def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> float:

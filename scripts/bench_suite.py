@@ -50,15 +50,17 @@ PLUGINS = {"plugin": "replay_proxy", "vcrpy": "recording", "cassetter": "cassett
 STREAMED_EVERY = 5  # one test in five streams its answer
 PROMPT = "Question {i}: name a colour and say why."
 
+# The floor, and scripts/bench's low-level row: aiohttp's low-level server on uvloop returning fixed
+# bytes (argv: port, the plain answer, and optionally the streamed one).
 FLOOR_SERVER = """
 import asyncio, sys
 import uvloop
 from aiohttp import web
 plain = open(sys.argv[2], "rb").read()
-stream = open(sys.argv[3], "rb").read()
+stream = open(sys.argv[3], "rb").read() if len(sys.argv) > 3 else None
 async def answer(request):
     body = await request.read()
-    if b'"stream":true' in body.replace(b" ", b""):
+    if stream is not None and b'"stream":true' in body.replace(b" ", b""):
         return web.Response(body=stream, content_type="text/event-stream")
     return web.Response(body=plain, content_type="application/json")
 async def main():
