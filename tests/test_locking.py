@@ -4,6 +4,7 @@ in two, and closing one store never lets go of the other's locks."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -146,3 +147,54 @@ async def test_two_stores_on_one_path_make_one_recording_at_a_time(tmp_path: Pat
     finally:
         await first.close()
     assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
+
+
+def _same_stripe(cassette: str = "default") -> tuple[str, str]:
+    """Two different keys whose locks fall on one stripe of the lock file."""
+    seen: dict[int, str] = {}
+    for number in range(100_000):
+        key = f"{number:064x}"
+        digest = hashlib.sha256(f"{cassette}\x1f{key}".encode()).digest()
+        stripe = int.from_bytes(digest[:4], "big") % locking.STRIPES
+        if stripe in seen:
+            return seen[stripe], key
+        seen[stripe] = key
+    raise AssertionError("no two keys share a stripe")
+
+
+async def test_two_keys_on_one_stripe_both_wait_and_keep_it_until_the_last_leaves(
+        tmp_path: Path) -> None:
+    first_key, second_key = _same_stripe()
+    locks, other = StripedLocks(tmp_path), StripedLocks(tmp_path)
+    inside: list[str] = []
+    try:
+        first_out, second_out = asyncio.Event(), asyncio.Event()
+
+        async def hold(key: str, out: asyncio.Event) -> None:
+            async with locks.hold("default", key, timeout=10):
+                inside.append(key)
+                await out.wait()
+
+        async with other.hold("default", first_key):  # another store holds the stripe
+            waiting = [asyncio.create_task(hold(first_key, first_out)),
+                       asyncio.create_task(hold(second_key, second_out))]
+            await asyncio.sleep(0.05)
+            assert inside == []  # both keys wait for the other store
+        for _ in range(200):
+            if len(inside) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(inside) == sorted([first_key, second_key])
+        first_out.set()
+        await waiting[0]
+        # The stripe is still the second key's: the other store cannot take that key yet,
+        # while this store takes the first key again at once.
+        assert not await _taken(other, second_key)
+        assert await _taken(locks, first_key)
+        assert not await _taken(other, second_key)
+        second_out.set()
+        await waiting[1]
+        assert await _taken(other, second_key) and await _taken(other, first_key)
+    finally:
+        locks.close()
+        other.close()
