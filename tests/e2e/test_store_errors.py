@@ -19,7 +19,7 @@ from replay_proxy.server.handler import ReplayProxy
 from replay_proxy.store import Store, StoredItem, open_store
 from replay_proxy.tools.testing import ProxyThread, SimulatorThread
 
-from tests.conftest import SECRET_KEY, recorded_files
+from tests.conftest import SECRET_KEY, ProxyFactory, recorded_files
 
 AUTH = {"Authorization": f"Bearer {SECRET_KEY}", "Content-Type": "application/json"}
 
@@ -122,3 +122,54 @@ def test_a_usage_log_that_cannot_be_written_does_not_stop_the_proxy(
     usage.flush({"totals": {"hits": 1}})
     assert orjson.loads(blocked.read_bytes())["totals"] == {"hits": 1}
     assert usage.failing is False
+
+
+def test_a_redis_store_that_stops_answering_is_a_503_then_recording_resumes(
+        make_proxy: ProxyFactory, simulator: SimulatorThread,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import os
+    import signal
+
+    import redis
+    from replay_proxy.tools.testing import run_redis
+
+    with run_redis() as url:
+        client = redis.Redis.from_url(url)
+        pid = int(client.info("server")["process_id"])
+        store = url + "?timeout=0.2&pool_timeout=0.2"
+        with make_proxy(Mode.RECORD, store=store) as proxy:
+
+            def ask(seed: int) -> httpx2.Response:
+                return httpx2.post(proxy.url + "/c/shared/v1/chat/completions",
+                                   content=_chat(seed), headers=AUTH, timeout=10)
+
+            assert ask(1).headers["x-replay-status"] == "recorded"
+            calls = simulator.state.calls
+            os.kill(pid, signal.SIGSTOP)  # Redis hangs: every call runs out of time
+            try:
+                outage = [ask(seed) for seed in (2, 3)]
+                remembered = ask(1)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            for response in outage:
+                assert response.status_code == 503, response.text
+                assert response.headers["x-should-retry"] == "true"
+                error = response.json()["error"]
+                assert error["code"] == "store_unavailable" and error["type"] == "store_error"
+                assert "'shared'" in error["message"] and "retry" in error["message"]
+                assert "TimeoutError" in error["message"]
+            assert simulator.state.calls == calls  # nothing sent upstream meanwhile
+            assert remembered.headers["x-replay-status"] == "hit"  # held in memory
+            back = ask(2)
+            assert back.status_code == 200 and back.headers["x-replay-status"] == "recorded"
+            proxy.call(proxy.state.flights.drain())
+        # Nothing from the outage was stored half-way: two entries, both indexed.
+        assert client.smembers("replay:{shared}:index") == {
+            key.rsplit(b":", 1)[1] for key in client.keys("replay:{shared}:e:*")}
+        assert len(client.keys("replay:{shared}:e:*")) == 2
+        client.close()
+    said = [record.getMessage() for record in caplog.records
+            if record.name == "replay_proxy.store.redis"]
+    assert len([line for line in said if "out of reach for cassette 'shared'" in line]) == 1
+    assert len([line for line in said if "reachable again for cassette 'shared'" in line]) == 1
+    assert not any("password" in line for line in said)
