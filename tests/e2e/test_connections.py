@@ -289,3 +289,27 @@ def test_slow_clients_past_the_descriptor_limit_do_not_lock_others_out(
         warnings = process.stderr.read().decode()
         process.stderr.close()
     assert "--max-connections 1024 is more than 448 open descriptors" in warnings
+
+
+def test_the_next_request_head_on_a_connection_gets_a_whole_deadline_of_its_own(
+        make_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="replay_proxy")
+    timeout = 0.5
+    with make_proxy(Mode.RECORD, header_timeout=timeout) as proxy, \
+            socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        connected = time.monotonic()
+        sock.sendall(_head() + BODY)
+        assert _read_response(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(max(0.0, connected + timeout / 2 - time.monotonic()))
+        # The next head begins before the connection's first deadline, and then stalls.
+        sock.sendall(_head()[:20])
+        began = time.monotonic()
+        assert _closed_within(sock, 5)
+        waited = time.monotonic() - began
+        # Closed for this head, and a whole timeout after it began, not at the deadline the
+        # connection's first head had.
+        assert waited >= timeout * 0.9, waited
+        _still_serving(proxy)
+    closed = [record.getMessage() for record in caplog.records
+              if "sent no whole request head" in record.getMessage()]
+    assert len(closed) == 1 and f"within {timeout:g} s" in closed[0]
