@@ -26,7 +26,7 @@ from replay_proxy.core.modes import Mode
 from replay_proxy.core.settings import Settings
 from replay_proxy.tools.testing import ProxyThread, ServerThread, run_proxy
 
-from tests.conftest import recorded_files
+from tests.conftest import ProxyFactory, recorded_files
 
 AUTH = {"Authorization": "Bearer sk-test", "Content-Type": "application/json"}
 MIB = 1024 * 1024
@@ -275,3 +275,26 @@ def test_the_total_upstream_timeout_ends_an_answer_that_never_pauses(
         assert _wait_for(lambda: upstream.ended["trickle"] == 1)
         assert recorded_files(cassettes) == []
 
+
+
+def test_with_no_cache_memory_every_answer_is_read_from_the_store(make_proxy: ProxyFactory,
+                                                                  cassettes: Path) -> None:
+    """--cache-mb 0: no entry or reply fits in memory, so none is held; each request reads
+    its file, and a file deleted meanwhile is a miss at once."""
+    chat = {"model": "gpt-4o-mini", "seed": 1, "messages": [{"role": "user", "content": "Hi"}]}
+    headers = {"Authorization": "Bearer sk-test"}
+    with make_proxy(Mode.RECORD) as proxy:
+        assert httpx2.post(proxy.url + "/v1/chat/completions", json=chat,
+                           headers=headers).status_code == 200
+    with make_proxy(Mode.REPLAY, cache_mb=0) as proxy:
+        answers = [httpx2.post(proxy.url + "/v1/chat/completions", json=chat, headers=headers)
+                   for _ in range(3)]
+        assert [a.headers["x-replay-status"] for a in answers] == ["hit"] * 3
+        assert answers[0].content == answers[2].content
+        stats = httpx2.get(proxy.url + "/_replay/stats").json()
+        assert stats["memory"]["entries"] == 0 and stats["memory"]["hot_replies"] == 0
+        assert "hot_hits" not in stats["totals"]
+        [recorded] = recorded_files(cassettes)
+        recorded.unlink()
+        gone = httpx2.post(proxy.url + "/v1/chat/completions", json=chat, headers=headers)
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "replay_miss"

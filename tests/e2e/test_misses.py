@@ -82,3 +82,27 @@ async def test_an_empty_or_missing_cassette_says_so(make_proxy: ProxyFactory,
                                        content=_body(1))
     assert answer.status_code == 404
     assert "The cassette is empty." in answer.json()["error"]["message"]
+
+
+async def test_a_file_gone_bad_after_indexing_leaves_misses_explained_by_the_others(
+        make_proxy: ProxyFactory, cassettes: Path) -> None:
+    keys = _fill(cassettes / "small", 3)
+    url_path = "/c/small/v1/chat/completions"
+    with make_proxy(Mode.REPLAY) as proxy:
+        async with httpx2.AsyncClient(base_url=proxy.url, headers=HEADERS, timeout=30) as client:
+            first = await client.post(url_path, content=_body(1, 9))  # builds the index
+            assert first.status_code == 404
+            assert f"(key {keys[1][:16]})" in first.json()["error"]["message"]
+            [bad] = (cassettes / "small").glob(f"*-{keys[1]}.json")
+            bad.write_bytes(b'{"format": 2, "key": ')  # cut short by whoever edited it
+            again = await client.post(url_path, content=_body(1, 10))
+            assert again.status_code == 404, again.text  # still a miss, not a 500
+            error = again.json()["error"]
+            assert error["code"] == "replay_miss"
+            assert keys[1][:16] not in error["message"]
+            assert keys[0][:16] in error["message"] or keys[2][:16] in error["message"]
+            own = await client.post(url_path, content=_body(1))  # the bad file's own key
+            assert own.status_code == 500
+            assert own.json()["error"]["code"] == "cassette_corrupt"
+            assert bad.name in own.json()["error"]["message"]
+            assert (await client.post(url_path, content=_body(2))).status_code == 200
