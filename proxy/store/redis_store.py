@@ -115,10 +115,18 @@ class RedisStore:
     async def put(self, cassette: str, entry: Entry) -> None:
         writable_name(cassette, entry.key, entry.label)
         encoded = encode_entry(entry)
-        async with self._call(cassette), self._client.pipeline(transaction=True) as pipe:
-            pipe.set(self._entry_key(cassette, entry.key), encoded, ex=self.ttl)
-            pipe.sadd(self._index_key(cassette), entry.key)
-            await pipe.execute()
+        try:
+            async with self._call(cassette), self._client.pipeline(transaction=True) as pipe:
+                pipe.set(self._entry_key(cassette, entry.key), encoded, ex=self.ttl)
+                pipe.sadd(self._index_key(cassette), entry.key)
+                await pipe.execute()
+        except StoreUnavailable as exc:
+            # A transaction sent before Redis stopped answering runs when it answers again:
+            # the write is unconfirmed, not undone.
+            raise StoreUnavailable(
+                f"The Redis store {self.description} did not confirm the write of "
+                f"{cassette}/{entry.label}-{entry.key} ({self._reason(exc.__cause__ or exc)}): "
+                "it is stored whole once the store answers again, or not at all.") from exc
 
     async def delete(self, cassette: str, key: str, label: str) -> bool:
         async with self._call(cassette), self._client.pipeline(transaction=True) as pipe:

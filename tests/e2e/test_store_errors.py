@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, contextmanager
 from pathlib import Path
 
 import httpx2
 import orjson
 import pytest
+import redis
 from replay_proxy.core.cassette import Entry
 from replay_proxy.core.modes import Mode
 from replay_proxy.core.settings import Settings
 from replay_proxy.server.handler import ReplayProxy
 from replay_proxy.store import Store, StoredItem, open_store
-from replay_proxy.tools.testing import ProxyThread, SimulatorThread
+from replay_proxy.tools.testing import ProxyThread, SimulatorThread, run_redis
 
 from tests.conftest import SECRET_KEY, ProxyFactory, recorded_files
 
@@ -124,19 +129,27 @@ def test_a_usage_log_that_cannot_be_written_does_not_stop_the_proxy(
     assert usage.failing is False
 
 
+# Redis calls that give up quickly: a hung server is noticed within a second.
+FAST_FAILING = "?timeout=0.2&pool_timeout=0.2"
+
+
+@contextmanager
+def frozen(client: redis.Redis) -> Iterator[None]:
+    """The Redis server stopped (SIGSTOP): connections stay open, nothing is answered."""
+    pid = int(client.info("server")["process_id"])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def test_a_redis_store_that_stops_answering_is_a_503_then_recording_resumes(
         make_proxy: ProxyFactory, simulator: SimulatorThread,
         caplog: pytest.LogCaptureFixture) -> None:
-    import os
-    import signal
-
-    import redis
-    from replay_proxy.tools.testing import run_redis
-
     with run_redis() as url:
         client = redis.Redis.from_url(url)
-        pid = int(client.info("server")["process_id"])
-        store = url + "?timeout=0.2&pool_timeout=0.2"
+        store = url + FAST_FAILING
         with make_proxy(Mode.RECORD, store=store) as proxy:
 
             def ask(seed: int) -> httpx2.Response:
@@ -145,12 +158,9 @@ def test_a_redis_store_that_stops_answering_is_a_503_then_recording_resumes(
 
             assert ask(1).headers["x-replay-status"] == "recorded"
             calls = simulator.state.calls
-            os.kill(pid, signal.SIGSTOP)  # Redis hangs: every call runs out of time
-            try:
+            with frozen(client):  # Redis hangs: every call runs out of time
                 outage = [ask(seed) for seed in (2, 3)]
                 remembered = ask(1)
-            finally:
-                os.kill(pid, signal.SIGCONT)
             for response in outage:
                 assert response.status_code == 503, response.text
                 assert response.headers["x-should-retry"] == "true"
@@ -173,3 +183,70 @@ def test_a_redis_store_that_stops_answering_is_a_503_then_recording_resumes(
     assert len([line for line in said if "out of reach for cassette 'shared'" in line]) == 1
     assert len([line for line in said if "reachable again for cassette 'shared'" in line]) == 1
     assert not any("password" in line for line in said)
+
+
+def test_a_redis_store_that_hangs_while_an_answer_is_recorded_loses_only_that_write(
+        make_proxy: ProxyFactory, simulator: SimulatorThread,
+        caplog: pytest.LogCaptureFixture) -> None:
+    with run_redis() as url:
+        client = redis.Redis.from_url(url)
+        with make_proxy(Mode.RECORD, store=url + FAST_FAILING) as proxy:
+            simulator.state.latency = 0.3  # the store hangs while the upstream answers
+            answers: list[httpx2.Response] = []
+            asking = threading.Thread(target=lambda: answers.append(httpx2.post(
+                proxy.url + "/c/shared/v1/chat/completions", content=_chat(1), headers=AUTH,
+                timeout=10)))
+            asking.start()
+            deadline = time.monotonic() + 5
+            while simulator.state.calls == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)  # until the key's lock is taken and the call is upstream
+            with frozen(client):
+                asking.join(timeout=10)
+                proxy.call(proxy.state.flights.drain())  # storing gave up meanwhile
+            simulator.state.latency = 0
+            [answer] = answers
+            assert answer.status_code == 200 and answer.json()["choices"]  # the client's
+            stats = httpx2.get(proxy.url + "/_replay/stats").json()["cassettes"]["shared"]
+            assert stats["store_errors"] == 1 and "recorded" not in stats
+            # The transaction Redis had received runs when it wakes: stored whole or not at all.
+            entries = client.keys("replay:{shared}:e:*")
+            assert len(entries) <= 1
+            assert client.smembers("replay:{shared}:index") == {
+                key.rsplit(b":", 1)[1] for key in entries}
+            again = httpx2.post(proxy.url + "/c/shared/v1/chat/completions", content=_chat(1),
+                                headers=AUTH)
+            assert again.headers["x-replay-status"] == ("hit" if entries else "recorded")
+            assert httpx2.post(proxy.url + "/c/shared/v1/chat/completions", content=_chat(2),
+                               headers=AUTH).headers["x-replay-status"] == "recorded"
+        client.close()
+    [error] = [record.getMessage() for record in caplog.records
+               if record.levelno >= logging.ERROR]
+    assert answer.headers["x-replay-key"] in error
+    assert "did not confirm the write" in error and "or not at all" in error
+
+
+def test_a_warmed_cassette_replays_through_a_redis_outage(
+        make_proxy: ProxyFactory, simulator: SimulatorThread) -> None:
+    with run_redis() as url:
+        client = redis.Redis.from_url(url)
+        store = url + FAST_FAILING
+        with make_proxy(Mode.RECORD, store=store) as proxy:
+            for seed in (1, 2):
+                assert httpx2.post(proxy.url + "/c/warm/v1/chat/completions",
+                                   content=_chat(seed), headers=AUTH).status_code == 200
+        with make_proxy(Mode.REPLAY, store=store) as proxy:
+            warm = httpx2.post(proxy.url + "/_replay/warm", json={"cassettes": ["warm"]})
+            assert warm.json() == {"queued": 1}
+            deadline = time.monotonic() + 5
+            while httpx2.get(proxy.url + "/_replay/stats").json()["memory"]["entries"] < 2:
+                assert time.monotonic() < deadline, "the cassette was not read ahead"
+                time.sleep(0.02)
+            with frozen(client):
+                hits = [httpx2.post(proxy.url + "/c/warm/v1/chat/completions",
+                                    content=_chat(seed), headers=AUTH) for seed in (1, 2)]
+                other = httpx2.post(proxy.url + "/c/warm/v1/chat/completions",
+                                    content=_chat(3), headers=AUTH)
+            assert [hit.headers["x-replay-status"] for hit in hits] == ["hit", "hit"]
+            assert other.status_code == 503
+            assert other.json()["error"]["code"] == "store_unavailable"
+        client.close()
