@@ -189,3 +189,36 @@ def test_gzip_request_body_is_keyed_like_the_plain_one(make_proxy: ProxyFactory,
     assert packed.status_code == 200 and packed.headers["x-replay-status"] == "hit"
     assert packed.content == plain.content
     assert simulator.state.calls == 1
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "code"), [
+    ("PUT", "/_replay/sessions/t1", b"{mode: record", 400, "invalid_json"),
+    ("PUT", "/_replay/sessions/t1", b'["record"]', 400, "invalid_json"),
+    ("PUT", "/_replay/sessions/t1", b'{"mode": "' + b"r" * 70_000 + b'"}', 413,
+     "request_too_large"),
+    ("PUT", "/_replay/sessions/t1", b'{"mode": "recrod"}', 400, "invalid_session_options"),
+    ("DELETE", "/_replay/sessions/t1", b"", 405, "method_not_allowed"),
+    ("POST", "/_replay/warm", b"cassettes=a", 400, "invalid_json"),
+    ("POST", "/_replay/warm", b'{"cassettes": "default"}', 400, "invalid_warm"),
+])
+def test_bad_bodies_for_the_proxys_own_endpoints(make_proxy: ProxyFactory, method: str,
+                                                 path: str, body: bytes, status: int,
+                                                 code: str) -> None:
+    with make_proxy(Mode.RECORD) as proxy:
+        response = httpx2.request(method, proxy.url + path, content=body)
+        assert response.status_code == status, response.text
+        assert _error(response)["code"] == code
+        # Nothing was half-applied: the session still follows the proxy's mode.
+        session = httpx2.get(proxy.url + "/_replay/sessions/t1").json()
+        assert session["mode"] is None and session["fingerprint"] is None, session
+        _still_serving(proxy)
+
+
+def test_an_injected_seed_leaves_a_body_that_is_not_json_to_be_refused(
+        make_proxy: ProxyFactory, simulator: SimulatorThread, cassettes: Path) -> None:
+    with make_proxy(Mode.RECORD, inject_seed=7) as proxy:
+        response = httpx2.post(proxy.url + "/v1/chat/completions", content=b"{not json",
+                               headers={**AUTH, "Content-Type": "application/json"})
+        assert response.status_code == 400 and _error(response)["code"] == "invalid_json"
+        assert simulator.state.calls == 0 and recorded_files(cassettes) == []
+        _still_serving(proxy)
