@@ -56,7 +56,8 @@ class UpstreamError(ProxyError):
 
 class StoreUnavailable(ProxyError):
     """The shared store cannot be reached (a Redis node down, a connection pool exhausted).
-    Nothing was stored for the request; the same request succeeds once the store is back."""
+    Nothing was half-stored for the request (a write Redis did not confirm is stored whole
+    once it answers again, or not at all); the same request succeeds once the store is back."""
 
     status = 503
     type = "store_error"
