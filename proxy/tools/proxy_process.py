@@ -17,8 +17,8 @@ Importing this module imports neither the server nor click: only the child does.
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import select
 import signal
 import socket
@@ -56,6 +56,26 @@ class Launch:
     replay_config: Mapping[str, Any] = field(default_factory=dict)
     miss_log: str | None = None
 
+    def encode(self) -> bytes:
+        """As JSON, for the child's standard input (a value JSON lacks, such as a Path in a
+        replay_config, goes as its text, which the options parse as they parse a file's)."""
+        inputs = self.inputs
+        return json.dumps({
+            "args": list(inputs.args), "ini": [list(pair) for pair in inputs.ini],
+            "ini_file": inputs.ini_file, "ini_base": inputs.ini_base,
+            "invocation_dir": inputs.invocation_dir, "rootdir": inputs.rootdir,
+            "run_id": inputs.run_id, "replay_config": dict(self.replay_config),
+            "miss_log": self.miss_log}, default=str).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Launch:
+        found = json.loads(data)
+        inputs = PytestInputs(
+            tuple(found["args"]), tuple((str(name), value) for name, value in found["ini"]),
+            found["ini_file"], found["ini_base"], found["invocation_dir"], found["rootdir"],
+            found["run_id"])
+        return cls(inputs, found["replay_config"], found["miss_log"])
+
 
 class ProxyProcess:
     """The parent's side: the socket, the child, and stopping it."""
@@ -87,7 +107,7 @@ class ProxyProcess:
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                     pass_fds=(listening.fileno(),), env=self._environ)
             assert self.process.stdin is not None
-            launch = pickle.dumps(self.launch)
+            launch = self.launch.encode()
             try:
                 self.process.stdin.write(_LENGTH.pack(len(launch)) + launch)
                 self.process.stdin.flush()
@@ -187,9 +207,7 @@ def _read_launch() -> Launch:
         return data
 
     (length,) = _LENGTH.unpack(exactly(_LENGTH.size))
-    # From the parent process over a private pipe: a pickle the parent made, not stored data.
-    launch: Launch = pickle.loads(exactly(length))
-    return launch
+    return Launch.decode(exactly(length))
 
 
 def main(argv: list[str]) -> int:  # (returns only on a bad configuration)
