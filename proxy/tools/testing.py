@@ -179,7 +179,9 @@ def run_proxy_process(*args: str, env: dict[str, str] | None = None,
         if process.poll() is None:
             process.terminate()
             try:
-                process.wait(timeout=10)
+                # It stops once every answer is stored: hundreds of recordings over a small
+                # Redis pool on a busy machine can take well over 10 s, and a kill loses them.
+                process.wait(timeout=90)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
