@@ -41,6 +41,19 @@ def statuses(responses: list[httpx2.Response]) -> dict[tuple[int, str], int]:
     return counted
 
 
+async def stored(url: str, expected: int, timeout: float = 120) -> dict[str, int]:
+    """A proxy's stored and failed recordings, once they add up to `expected` (or at the
+    deadline)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with httpx2.AsyncClient(timeout=30) as client:
+        while True:
+            totals = (await client.get(url + "/_replay/stats")).json()["totals"]
+            found = {name: int(totals.get(name, 0)) for name in ("recorded", "store_errors")}
+            if sum(found.values()) >= expected or asyncio.get_running_loop().time() > deadline:
+                return found
+            await asyncio.sleep(0.1)
+
+
 @pytest.mark.load
 @pytest.mark.parametrize(("backend", "options", "proxies"), [
     ("redis_url", "", 1),
@@ -66,6 +79,10 @@ async def test_300_concurrent_requests_per_proxy_all_succeed(
         recorded = await burst([(url + path, chat(number * CONCURRENT + seed))
                                 for number, url in enumerate(urls)
                                 for seed in range(CONCURRENT)])
+        # The answers come before the writes: every one is stored, none failed, before the
+        # proxies are stopped.
+        for url in urls:
+            assert await stored(url, CONCURRENT) == {"recorded": CONCURRENT, "store_errors": 0}
     assert statuses(recorded) == {(200, "recorded"): CONCURRENT * proxies}
     # Fresh proxies remember nothing: every hit reads the store.
     with ExitStack() as stack:
