@@ -54,6 +54,16 @@ def app_tests(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pyt
     return pytester
 
 
+def record_run(pytester: pytest.Pytester, simulator: SimulatorThread,
+               monkeypatch: pytest.MonkeyPatch, *extra: str) -> pytest.RunResult:
+    """A record run against the simulator, with a key and outside CI, as a developer runs it."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-recording-key")
+    monkeypatch.delenv("CI", raising=False)
+    return pytester.runpytest_subprocess(
+        *extra, "--replay-mode", "record", "--replay-openai-upstream", simulator.url,
+        "-p", "no:cacheprovider")
+
+
 def _record(app_tests: pytest.Pytester, simulator: SimulatorThread,
             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-recording-key")
@@ -188,11 +198,7 @@ def test_every_test_is_a_session_of_its_own(pytester: pytest.Pytester,
     pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     pytester.makepyfile(test_jobs=STATEFUL_TESTS)
     simulator.state.poll_steps = 2
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-recording-key")
-    monkeypatch.delenv("CI", raising=False)
-    recorded = pytester.runpytest_subprocess(
-        "--replay-mode", "record", "--replay-openai-upstream", simulator.url,
-        "-p", "no:cacheprovider")
+    recorded = record_run(pytester, simulator, monkeypatch)
     recorded.assert_outcomes(passed=2)
     # A create and three polls, asked once: the second test replayed the first one's sequence.
     assert simulator.state.calls == 4
@@ -339,11 +345,7 @@ class {klass}:
             model="gpt-4o-mini", seed=n, messages=[{{"role": "user", "content": "{prompt}"}}])
         assert replay_proxy.cassette == "tests/{folder}/test_x/{klass}/test_call-1"
 ''')
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-recording-key")
-    monkeypatch.delenv("CI", raising=False)
-    result = pytester.runpytest_subprocess(
-        "--replay-mode", "record", "--replay-openai-upstream", simulator.url,
-        "-p", "no:cacheprovider")
+    result = record_run(pytester, simulator, monkeypatch)
     result.assert_outcomes(passed=2)
     assert simulator.state.calls == 2  # not one answer shared by both
     for folder, klass in (("a", "TestA"), ("b", "TestB")):
@@ -589,11 +591,7 @@ def test_the_hook_is_the_proxys(replay_proxy):
     proxy = replay_proxy.handle.thread.proxy
     assert proxy.state.settings.key_policy.normalise is drop_the_time
 ''')
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-recording-key")
-    monkeypatch.delenv("CI", raising=False)
-    recorded = pytester.runpytest_subprocess(
-        "--replay-mode", "record", "--replay-openai-upstream", simulator.url,
-        "-p", "no:cacheprovider")
+    recorded = record_run(pytester, simulator, monkeypatch)
     recorded.assert_outcomes(passed=2)
     simulator.stop()
     monkeypatch.delenv("OPENAI_API_KEY")
@@ -626,11 +624,7 @@ def test_parametrized_ids_that_lose_characters_keep_cassettes_of_their_own(
     """`a/b`, `a b` and `a?b` all read `a-b` once made safe: a digest keeps them apart, and a
     run of one of them never offers the others' recordings for pruning."""
     pytester.makepyfile(test_ids=PARAMETRIZED_IDS)
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-recording-key")
-    monkeypatch.delenv("CI", raising=False)
-    result = pytester.runpytest_subprocess(
-        "-s", "--replay-mode", "record", "--replay-openai-upstream", simulator.url,
-        "-p", "no:cacheprovider")
+    result = record_run(pytester, simulator, monkeypatch, "-s")
     result.assert_outcomes(passed=4)
     assert simulator.state.calls == 4
     names = re.findall(r"CASSETTE (\S+)", result.stdout.str())

@@ -704,31 +704,34 @@ class ReplaySession:
         """This test's counters, from the proxy (once what it recorded is stored)."""
         return self.handle.client.call("GET", f"/_replay/sessions/{self.session}")
 
+    def _count(self, name: str) -> int:
+        return int(self.counters()[name])
+
     @property
     def hits(self) -> int:
-        return int(self.counters()["hits"])
+        return self._count("hits")
 
     @property
     def misses(self) -> int:
-        return int(self.counters()["misses"])
+        return self._count("misses")
 
     @property
     def recordings(self) -> int:
-        return int(self.counters()["recorded"])
+        return self._count("recorded")
 
     @property
     def upstream_calls(self) -> int:
-        return int(self.counters()["upstream_calls"])
+        return self._count("upstream_calls")
 
     @property
     def store_errors(self) -> int:
-        return int(self.counters()["store_errors"])
+        return self._count("store_errors")
 
     @property
     def errors(self) -> int:
         """Requests the proxy answered with an error of its own (the upstream out of reach, a
         corrupt cassette): nothing was replayed or recorded for them."""
-        return int(self.counters()["errors"])
+        return self._count("errors")
 
     def last_miss(self) -> str | None:
         last = self.counters()["last_miss"]
