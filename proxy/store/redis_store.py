@@ -186,10 +186,16 @@ class RedisStore:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
 
-        renewal = loop.create_task(self._renew(cassette, name, token))
+        released = asyncio.Event()
+        renewal = loop.create_task(self._renew(cassette, name, token, released))
         try:
             yield
         finally:
+            # The event, not only the cancel, ends the renewals: a redis-py call that is under
+            # way when its task is cancelled can swallow the cancel and return normally (seen
+            # with redis-py 8.1 under load), and a renewal that missed it would extend the
+            # lease for ever while this waits for it.
+            released.set()
             renewal.cancel()
             # Whatever stopped the renewals, the lease ends below or runs out by itself.
             await asyncio.gather(renewal, return_exceptions=True)
@@ -199,9 +205,15 @@ class RedisStore:
             except StoreUnavailable:
                 pass  # the lease runs out by itself
 
-    async def _renew(self, cassette: str, name: str, token: str) -> None:
+    async def _renew(self, cassette: str, name: str, token: str,
+                     released: asyncio.Event) -> None:
         while True:
-            await asyncio.sleep(LEASE_MS / 3000)
+            try:
+                await asyncio.wait_for(released.wait(), LEASE_MS / 3000)
+            except TimeoutError:
+                pass  # time to renew
+            else:
+                return
             try:
                 async with self._call(cassette):
                     held = await self._client.eval(_EXTEND, 1, name, token, LEASE_MS)

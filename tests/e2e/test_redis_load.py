@@ -137,3 +137,29 @@ async def test_a_killed_lock_holder_frees_its_key_within_seconds(
         if holder.stdout is not None:
             holder.stdout.close()
         await store.close()
+
+
+@pytest.mark.load
+@pytest.mark.parametrize("backend", ["redis_url", "redis_cluster_url"])
+async def test_locks_released_while_their_lease_is_renewed_are_free_at_once(
+        request: pytest.FixtureRequest, backend: str) -> None:
+    """Each holder lets go about when its renewal is due, so many releases land while a
+    renewal's call is under way; the renewal must stop then (a renewal that outlived its lock
+    would hold it, and the holder, for ever)."""
+    store = open_store(request.getfixturevalue(backend) + "?max_connections=4&pool_timeout=30")
+    renew_every = LEASE_MS / 3000
+
+    async def hold(number: int) -> None:
+        async with store.lock("held", f"{number:064x}"):
+            await asyncio.sleep(renew_every + (number % 101 - 50) / 1000)  # -50 ms to +50 ms
+
+    try:
+        async with asyncio.timeout(renew_every * 4):
+            await asyncio.gather(*(hold(number) for number in range(CONCURRENT)))
+        # Every lease was released, none left to run out.
+        for number in range(CONCURRENT):
+            async with asyncio.timeout(1):
+                async with store.lock("held", f"{number:064x}"):
+                    pass
+    finally:
+        await store.close()
