@@ -316,3 +316,18 @@ def test_any_mutation_of_a_valid_cassette_loads_or_is_a_cassette_error(
         elif isinstance(target, list) and isinstance(last, int) and last < len(target):
             target[last] = value
     _loads_or_refuses(orjson.dumps(edited))
+
+
+@pytest.mark.parametrize(("levels", "loaded"), [(MAX_DEPTH, True), (MAX_DEPTH + 1, False)])
+def test_nesting_is_refused_from_one_level_past_what_can_be_written(levels: int,
+                                                                     loaded: bool) -> None:
+    """The document is level 1, its request 2, the body 3: the innermost list of `messages`
+    lands at exactly `levels`."""
+    edited = document()
+    edited["request"]["body"]["messages"] = "DEEP"
+    inner = levels - 3
+    raw = orjson.dumps(edited).replace(b'"DEEP"', b"[" * inner + b"1" + b"]" * inner)
+    if loaded:
+        assert decode_entry(raw, "deep.json").request["body"]["messages"]
+    else:
+        assert "nested deeper" in refused(raw)
