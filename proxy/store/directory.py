@@ -7,8 +7,10 @@ same folder and are renamed into place, so a reader or a crash never sees half a
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import secrets
+import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +23,10 @@ from .local import LocalCoordination
 from .state_dir import STATE_DIR
 
 SLOW_WRITE_S = 0.005
+# Opening a cassette file refuses a link in its last step, where the system can (not Windows):
+# a plain file needs no walk to the root, a linked one gets the full check.
+_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_READ_FLAGS = os.O_RDONLY | _NO_FOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -40,6 +46,9 @@ class DirectoryStore(LocalCoordination):
         self.description = f"directory {root}"
         self._folders: set[Path] = set()  # folders made and checked to lie inside the root
         self._real_root: Path | None = None
+        # Folders found to lie inside the root, each checked once: a folder below a checked one
+        # costs one lstat unless it is a link.
+        self._checked: set[Path] = {root}
         super().__init__(locks=root / STATE_DIR / "locks", sequences=root / STATE_DIR / "sequences")
         self._write_cost = 0.0  # seconds: a moving average of the writes made on the loop
 
@@ -62,10 +71,43 @@ class DirectoryStore(LocalCoordination):
             )
         return path
 
-    async def get(self, cassette: str, key: str, label: str) -> Entry | None:
-        path = self._inside(self.path_for(cassette, key, label))
+    def _check_folder(self, folder: Path) -> bool:
+        """Whether `folder` exists; raises if a link on the way leads out of the root."""
+        if folder in self._checked:
+            return True
+        if folder.parent == folder:  # not under the root (no path this store makes)
+            self._inside(folder)
+            return folder.is_dir()
+        if not self._check_folder(folder.parent):
+            return False
         try:
-            raw = path.read_bytes()
+            mode = os.lstat(folder).st_mode
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise CassetteError(f"Cassette folder {folder} cannot be read ({exc.strerror}).") \
+                from exc
+        if stat.S_ISLNK(mode):
+            self._inside(folder)  # a link that stays inside the root is followed
+        self._checked.add(folder)
+        return True
+
+    async def get(self, cassette: str, key: str, label: str) -> Entry | None:
+        path = self.path_for(cassette, key, label)
+        if not self._check_folder(path.parent):
+            return None
+        try:
+            if not _NO_FOLLOW:
+                self._inside(path)
+            try:
+                descriptor = os.open(path, _READ_FLAGS)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raw = self._inside(path).read_bytes()  # the file is a link
+            else:
+                with open(descriptor, "rb") as handle:
+                    raw = handle.read()
         except FileNotFoundError:
             return None
         except OSError as exc:
