@@ -44,10 +44,9 @@ class DirectoryStore(LocalCoordination):
     def __init__(self, root: Path) -> None:
         self.root = root
         self.description = f"directory {root}"
-        self._folders: set[Path] = set()  # folders made and checked to lie inside the root
         self._real_root: Path | None = None
-        # Folders found to lie inside the root, each checked once: a folder below a checked one
-        # costs one lstat unless it is a link.
+        # Folders found (or made) inside the root, each checked once: a folder below a checked
+        # one costs one lstat unless it is a link.
         self._checked: set[Path] = {root}
         super().__init__(locks=root / STATE_DIR / "locks", sequences=root / STATE_DIR / "sequences")
         self._write_cost = 0.0  # seconds: a moving average of the writes made on the loop
@@ -92,22 +91,25 @@ class DirectoryStore(LocalCoordination):
         self._checked.add(folder)
         return True
 
+    def _read(self, path: Path) -> bytes:
+        """A file in a checked folder; a link is read only if it stays inside the root."""
+        if not _NO_FOLLOW:
+            self._inside(path)
+        try:
+            descriptor = os.open(path, _READ_FLAGS)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            return self._inside(path).read_bytes()  # the file is a link
+        with open(descriptor, "rb") as handle:
+            return handle.read()
+
     async def get(self, cassette: str, key: str, label: str) -> Entry | None:
         path = self.path_for(cassette, key, label)
         if not self._check_folder(path.parent):
             return None
         try:
-            if not _NO_FOLLOW:
-                self._inside(path)
-            try:
-                descriptor = os.open(path, _READ_FLAGS)
-            except OSError as exc:
-                if exc.errno != errno.ELOOP:
-                    raise
-                raw = self._inside(path).read_bytes()  # the file is a link
-            else:
-                with open(descriptor, "rb") as handle:
-                    raw = handle.read()
+            raw = self._read(path)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -116,11 +118,9 @@ class DirectoryStore(LocalCoordination):
 
     async def put(self, cassette: str, entry: Entry) -> None:
         path = self.path_for(cassette, entry.key, entry.label)
-        if path.parent not in self._folders:
-            self._inside(path.parent)
+        if not self._check_folder(path.parent):
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._inside(path.parent)  # nothing on the way was swapped for a link meanwhile
-            self._folders.add(path.parent)
+            self._check_folder(path.parent)  # what was made: nothing on the way is a link out
         data = encode_entry(entry)
         if self._write_cost > SLOW_WRITE_S:
             await asyncio.to_thread(_write_atomically, path, data)
@@ -135,7 +135,7 @@ class DirectoryStore(LocalCoordination):
     async def delete(self, cassette: str, key: str, label: str) -> bool:
         try:
             path = self.path_for(cassette, key, label)
-            self._inside(path.parent)  # a linked file may go, nothing through a linked folder
+            self._check_folder(path.parent)  # a linked file may go, nothing through a folder
         except ProxyError:  # (CassetteError included) no file this store would have made
             return False
         try:
@@ -166,12 +166,11 @@ class DirectoryStore(LocalCoordination):
         folder = self.root / cassette
         try:
             validate_cassette_name(cassette)
-            self._inside(folder)
+            if not self._check_folder(folder):
+                return []
         except ProxyError as exc:  # CassetteError included
             error = CassetteError(f"Cassette {cassette!r} in {self.root}: {exc.message}")
             return [StoredItem(cassette, "", "", None, error)]
-        if not folder.is_dir():
-            return []
         found = []
         for path in sorted(folder.glob("*.json")):
             if path.name.startswith("."):
@@ -183,7 +182,7 @@ class DirectoryStore(LocalCoordination):
                     "names its files, so it is never used. Rename or delete it.")))
                 continue
             try:
-                raw = self._inside(path).read_bytes()
+                raw = self._read(path)
             except CassetteError as exc:
                 found.append(StoredItem(cassette, label, key, None, exc))
                 continue
