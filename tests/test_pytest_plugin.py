@@ -771,3 +771,134 @@ def test_ctrl_c_after_a_miss_stops_the_session(pytester: pytest.Pytester,
     result = pytester.runpytest_subprocess("--replay-mode", "replay", "-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.INTERRUPTED
     assert "test_never_reached" not in result.stdout.str()
+
+
+TRAP = "def test_trap():\n    raise AssertionError('collected from the cassette folder')\n"
+
+
+@pytest.mark.parametrize("where", ["default", "flag", "environment", "ini", "replay-proxy.toml",
+                                   "pyproject.toml"])
+def test_collection_skips_the_cassette_folder_wherever_it_is_configured(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    # A cassette folder holds a folder per test: walking it is half a second of every run at
+    # 1,000 tests, for nothing. A trap below it shows whether the collection went in.
+    folder = "cassettes" if where == "default" else "recorded/answers"
+    pytester.makepyfile(test_plain="def test_one():\n    assert True\n")
+    (pytester.path / folder / "deep").mkdir(parents=True)
+    (pytester.path / folder / "deep" / "test_trap.py").write_text(TRAP)
+    ini = "[pytest]\nasyncio_default_fixture_loop_scope = function\n"
+    args = ["-p", "no:cacheprovider", "--collect-only", "-q"]
+    monkeypatch.delenv("REPLAY_PROXY_CASSETTES", raising=False)
+    if where == "flag":
+        args += ["--replay-cassettes", folder]
+    elif where == "environment":
+        monkeypatch.setenv("REPLAY_PROXY_CASSETTES", folder)
+    elif where == "ini":
+        ini += f"replay_cassettes = {folder}\n"
+    elif where == "replay-proxy.toml":
+        (pytester.path / "replay-proxy.toml").write_text(f'cassettes = "{folder}"\n')
+    elif where == "pyproject.toml":
+        (pytester.path / "pyproject.toml").write_text(
+            f'[tool.replay-proxy]\ncassettes = "{folder}"\n')
+    pytester.makeini(ini)
+    result = pytester.runpytest(*args)
+    assert "test_trap" not in result.stdout.str()
+    result.stdout.fnmatch_lines(["test_plain.py::test_one", "1 test collected*"])
+    # Named on the command line, the folder is collected as pytest always does.
+    named = pytester.runpytest(*args, folder)
+    named.stdout.fnmatch_lines(["*deep/test_trap.py::test_trap"])
+
+
+def test_a_cassette_folder_that_holds_python_files_is_collected(
+        pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(test_plain="def test_one():\n    assert True\n")
+    (pytester.path / "cassettes").mkdir()
+    (pytester.path / "cassettes" / "test_here.py").write_text("def test_here():\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--collect-only", "-q")
+    result.stdout.fnmatch_lines(["cassettes/test_here.py::test_here", "*2 tests collected*"])
+
+
+@pytest.mark.parametrize("where", ["default", "flag", "environment", "ini", "file", "named file"])
+def test_the_plugin_finds_the_cassette_folder_the_proxy_uses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    # The plugin finds it without click, before the proxy starts; the proxy resolves it with
+    # every other option. They agree.
+    from replay_proxy.tools.configuration import plugin_settings
+    from replay_proxy.tools.options import PytestInputs
+    from replay_proxy.tools.pytest_plugin import _cassette_folder
+
+    root, invoked, ini_base = tmp_path / "root", tmp_path / "root" / "sub", tmp_path / "ini"
+    for folder in (invoked, ini_base):
+        folder.mkdir(parents=True)
+    for name in ("REPLAY_PROXY_CASSETTES", "REPLAY_PROXY_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    args: tuple[str, ...] = ()
+    ini: tuple[tuple[str, object], ...] = ()
+    if where == "flag":
+        args = ("--cassettes", str(tmp_path / "given"))
+    elif where == "environment":
+        monkeypatch.setenv("REPLAY_PROXY_CASSETTES", "../from-env")
+    elif where == "ini":
+        ini = (("cassettes", "from-ini"),)
+    elif where == "file":
+        (root / "pyproject.toml").write_text('[tool.replay-proxy]\ncassettes = "from-file"\n')
+    elif where == "named file":
+        (tmp_path / "named.toml").write_text('cassettes = "../named-folder"\n')
+        monkeypatch.setenv("REPLAY_PROXY_CONFIG", str(tmp_path / "named.toml"))
+    inputs = PytestInputs(args, ini, None, str(ini_base), str(invoked), str(root), "run")
+    settings, _ = plugin_settings(inputs, {})
+    found = _cassette_folder(inputs)
+    assert found == Path(os.path.normpath(settings.cassettes))
+    assert found != root / "cassettes" or where == "default"
+
+
+MARK_ONLY = '''
+import os
+
+import pytest
+from openai import OpenAI
+
+BEFORE = os.environ.get("OPENAI_BASE_URL")
+
+
+@pytest.fixture
+def client():
+    return OpenAI()  # built by a fixture of the test's own: the mark's environment is there
+
+
+@pytest.mark.replay
+def test_client_from_a_fixture(client):
+    assert client.base_url.host == "127.0.0.1"
+    reply = client.chat.completions.create(
+        model="gpt-4o-mini", seed=3, messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content
+
+
+@pytest.mark.replay
+def test_the_fixture_asked_for_later_is_the_marks_session(request):
+    client = OpenAI()
+    client.chat.completions.create(
+        model="gpt-4o-mini", seed=4, messages=[{"role": "user", "content": "Hello"}])
+    replay = request.getfixturevalue("replay_proxy")
+    assert str(client.base_url) == replay.base_url + "/"
+    assert replay.hits + replay.recordings == 1
+
+
+def test_unmarked_afterwards_sees_the_environment_as_it_was():
+    assert os.environ.get("OPENAI_BASE_URL") == BEFORE
+'''
+
+
+def test_the_mark_alone_opens_the_session_before_the_tests_fixtures(
+        pytester: pytest.Pytester, simulator: SimulatorThread,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(test_mark_only=MARK_ONLY)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    record_run(pytester, simulator, monkeypatch).assert_outcomes(passed=3)
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.delenv("OPENAI_API_KEY")
+    replayed = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    replayed.assert_outcomes(passed=3)
+    replayed.stdout.fnmatch_lines(["*2 test(s) through the proxy: 2 hit(s), 0 miss(es)*"])

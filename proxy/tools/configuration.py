@@ -20,9 +20,8 @@ relative to the file's folder.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +35,8 @@ from ..core.providers import validate_cassette_name
 from ..core.routes import SequencePolicy
 from ..core.rules import RuleError, Rules
 from ..core.settings import ReplayTiming, Settings, parse_age
+from . import config_file
+from .config_file import CONFIG_FILE, ConfigFile, ConfigFileError
 from .options import (
     DUMMY_API_KEY,
     ENV_PREFIX,
@@ -60,8 +61,6 @@ __all__ = [
     "long_name", "plugin_settings", "read_config", "run_options", "serve_options",
     "serve_parameters", "settings_from", "unplumbed", "with_environment",
 ]
-
-CONFIG_FILE = "replay-proxy.toml"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -252,53 +251,21 @@ def plugin_settings(inputs: PytestInputs, replay_config: Mapping[str, Any]
 
 # ---- the configuration file ------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class ConfigFile:
-    path: Path
-    values: Mapping[str, Any]
-
-    @property
-    def where(self) -> str:
-        if self.path.name == "pyproject.toml":
-            return f"[tool.replay-proxy] in {self.path}"
-        return str(self.path)
-
-
 def find_config(start: Path) -> ConfigFile | None:
-    """The nearest replay-proxy.toml, or pyproject.toml with [tool.replay-proxy], from `start` up."""
-    folder = start.resolve()
-    for candidate in (folder, *folder.parents):
-        own = candidate / CONFIG_FILE
-        if own.is_file():
-            return read_config(own)
-        project = candidate / "pyproject.toml"
-        if project.is_file():
-            found = read_config(project, required=False)
-            if found is not None:
-                return found
-    return None
+    """The nearest replay-proxy.toml, or pyproject.toml with [tool.replay-proxy], from `start`
+    up; one that cannot be used is a usage error naming it."""
+    try:
+        return config_file.find_config(start)
+    except ConfigFileError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def read_config(path: Path, required: bool = True) -> ConfigFile | None:
-    """A file's [tool.replay-proxy] table; a file other than pyproject.toml may instead hold
-    the options at its top level."""
+    """A file's [tool.replay-proxy] table (or, outside pyproject.toml, its top level)."""
     try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"Cannot read the configuration file {path}: {exc.strerror}.") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}.") from exc
-    tool = document.get("tool")
-    table = tool.get("replay-proxy") if isinstance(tool, dict) else None
-    if table is None and path.name != "pyproject.toml":
-        table = document
-    if table is None:
-        if required:
-            raise ConfigError(f"{path} has no [tool.replay-proxy] table.")
-        return None
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}: tool.replay-proxy must be a table of options.")
-    return ConfigFile(path.resolve(), table)
+        return config_file.read_config(path, required)
+    except ConfigFileError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def options_by_key(params: Iterable[click.Parameter]) -> dict[str, click.Option]:

@@ -35,6 +35,7 @@ import pytest
 
 from .options import (
     DUMMY_API_KEY,
+    ENV_PREFIX,
     MODES,
     NOT_FOR_PYTEST,
     SECRET_OPTIONS,
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 _RUN_KEY = pytest.StashKey["ReplayRun"]()
 _SESSION_KEY = pytest.StashKey["ReplaySession"]()
 _CASSETTE_KEY = pytest.StashKey[str]()
+_BY_HOOK_KEY = pytest.StashKey[bool]()  # the mark's session is opened by a hook, not a fixture
+_SAVED_ENV_KEY = pytest.StashKey[dict[str, "str | None"]]()
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]+")
 _MAX_CASSETTE_NAME = 255
 _DEFAULTS_SHOWN = {"cassettes": "<rootdir>/cassettes"}
@@ -280,6 +283,7 @@ class ReplayRun:
     totals: Counter[str] = field(default_factory=Counter)
     logs: list[str] = field(default_factory=list)
     failure: str | None = None  # why the session fails although its tests passed
+    cassette_folder: Path | None = None  # skipped by test collection
     _settings_cache: dict[str, Settings] = field(default_factory=dict)
 
     # -- the folder and the shared proxy -------------------------------------------------------
@@ -490,10 +494,58 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RUN_KEY] = run
     # The proxy takes a few hundred milliseconds to start; collecting the tests (importing
     # their modules, the SDK's included) usually takes longer. Where this project evidently
-    # uses replay-proxy, start it now, beside the collection, instead of after it.
+    # uses replay-proxy, start it now, beside the collection, instead of after it (and let the
+    # collection skip the cassette folder).
+    if not _likely_used(config):
+        return
+    run.cassette_folder = _cassette_folder(inputs)
     collect_only = config.getoption("collectonly", False)
-    if not shared and not collect_only and not _distributing(config) and _likely_used(config):
+    if not shared and not collect_only and not _distributing(config):
         run.launch_shared().start()
+
+
+def _cassette_folder(inputs: PytestInputs) -> Path | None:
+    """The cassette folder as the proxy resolves it (the command line, the environment, the
+    ini file, the configuration file, then `<rootdir>/cassettes`), found without click; None
+    where a configuration file that cannot be read leaves it unknown (the proxy says why)."""
+    folder: Path | None = None
+    args = list(inputs.args)
+    if "--cassettes" in args[:-1]:  # made absolute by `_checked`; the last one given wins
+        folder = Path(args[len(args) - 1 - args[::-1].index("--cassettes") + 1])
+    elif os.environ.get(ENV_PREFIX + "CASSETTES"):
+        folder = Path(inputs.invocation_dir) / os.environ[ENV_PREFIX + "CASSETTES"]
+    elif any(name == "cassettes" for name, _ in inputs.ini):
+        value = next(value for name, value in inputs.ini if name == "cassettes")
+        folder = Path(inputs.ini_base) / Path(str(value)).expanduser()
+    else:
+        from .config_file import ConfigFileError, find_config, read_config
+
+        named = os.environ.get("REPLAY_PROXY_CONFIG")
+        try:
+            file = read_config(Path(named)) if named else find_config(
+                Path(inputs.invocation_dir))
+        except ConfigFileError:
+            return None
+        value = file.values.get("cassettes") if file is not None else None
+        if file is not None and isinstance(value, str):
+            folder = file.path.parent / Path(value).expanduser()
+        elif value is None:
+            folder = Path(inputs.rootdir) / "cassettes"
+    return Path(os.path.normpath(folder)) if folder is not None else None
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """The cassette folder holds recordings, not tests: collection skips it rather than walk a
+    folder per test (half a second of every run at 1,000 tests). A folder named on the command
+    line is still collected, and so is one that holds Python files."""
+    run = config.stash.get(_RUN_KEY, None)
+    if run is None or run.cassette_folder is None or collection_path != run.cassette_folder:
+        return None
+    try:
+        python = any(name.endswith(".py") for name in os.listdir(collection_path))
+    except OSError:
+        return None
+    return None if python else True
 
 
 def _distributing(config: pytest.Config) -> bool:
@@ -547,6 +599,26 @@ def pytest_itemcollected(item: pytest.Item) -> None:
         run.launch_shared().start()
 
 
+def _plugin_fixtures_only(item: pytest.Item, known: dict[object, bool]) -> bool:
+    """Whether the test sees this plugin's own `replay_config` and `replay_proxy`, overridden
+    by no conftest, module or class (remembered in `known` by the test's parent). pytest has no
+    public way to ask; where its fixture manager does not answer, the answer is no, and the
+    mark uses the fixtures."""
+    parent = item.parent
+    found = known.get(parent)
+    if found is None:
+        manager = getattr(item.session, "_fixturemanager", None)
+        try:
+            definitions = [manager.getfixturedefs(name, item)  # type: ignore[union-attr]
+                           for name in ("replay_config", "replay_proxy")]
+            found = all(definition and getattr(definition[-1].func, "__module__", None)
+                        == __name__ for definition in definitions)
+        except Exception:  # another pytest's internals: use the fixtures
+            found = False
+        known[parent] = found
+    return found
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the session's proxy as soon as the collected tests show they need it, and tell it
     their cassettes, which it reads ahead while the first tests run."""
@@ -554,6 +626,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if run is None or session.config.getoption("collectonly"):
         return
     cassettes = []
+    plain: dict[object, bool] = {}
     for item in session.items:
         if _needs_proxy(item):
             marker = item.get_closest_marker("replay")
@@ -562,12 +635,17 @@ def pytest_collection_finish(session: pytest.Session) -> None:
                 cassette = item.stash[_CASSETTE_KEY] = named or cassette_for(item)
                 cassettes.append(cassette)
             names = getattr(item, "fixturenames", None)
-            if marker is not None and names is not None and names[:1] != ["replay_proxy"]:
-                # The mark asks for the fixture, first, so that the environment it sets is
-                # there for the test's other fixtures. (A list of its own: parametrized
-                # siblings share theirs, and not every one of them need carry the mark.)
-                item.fixturenames = [  # type: ignore[attr-defined]
-                    "replay_proxy", *(name for name in names if name != "replay_proxy")]
+            if marker is None or names is None or names[:1] == ["replay_proxy"]:
+                continue
+            if "replay_proxy" not in names and _plugin_fixtures_only(item, plain):
+                # The mark alone: its session is opened by `pytest_runtest_setup`.
+                item.stash[_BY_HOOK_KEY] = True
+                continue
+            # The mark asks for the fixture, first, so that the environment it sets is there
+            # for the test's other fixtures. (A list of its own: parametrized siblings share
+            # theirs, and not every one of them need carry the mark.)
+            item.fixturenames = [  # type: ignore[attr-defined]
+                "replay_proxy", *(name for name in names if name != "replay_proxy")]
     if not cassettes:
         return
     if hasattr(session.config, "workerinput"):
@@ -800,24 +878,36 @@ def replay_proxy(request: pytest.FixtureRequest, replay_config: Mapping[str, Any
                  ) -> Iterator[ReplaySession]:
     """The test's proxy session. With `@pytest.mark.replay`, also OPENAI_BASE_URL and
     AZURE_OPENAI_ENDPOINT for the test (and dummy keys when replaying)."""
-    marker = request.node.get_closest_marker("replay")
+    item = request.node
+    if item.stash.get(_BY_HOOK_KEY, False) and _SESSION_KEY in item.stash:
+        yield item.stash[_SESSION_KEY]  # asked for by name: the session the mark opened
+        return
+    replay = _open_session(item, replay_config)
+    try:
+        yield replay
+    finally:
+        _close_session(item, replay)
+
+
+def _open_session(item: pytest.Item, replay_config: object) -> ReplaySession:
+    """The test's session on the proxy its `replay_config` needs; with the mark, the
+    environment that points its clients there."""
+    marker = item.get_closest_marker("replay")
     options: dict[str, Any] = dict(marker.kwargs) if marker else {}
     unknown = set(options) - {"cassette", "fingerprint", "mode"}
     if unknown:
         raise pytest.UsageError(f"@pytest.mark.replay got unknown arguments {sorted(unknown)}")
-    overrides = replay_config
-    if not isinstance(overrides, Mapping):
+    if not isinstance(replay_config, Mapping):
         raise pytest.UsageError(f"replay_config must return a dict of options, not "
-                                f"{type(overrides).__name__}")
+                                f"{type(replay_config).__name__}")
     named = options.get("cassette")
     if named is not None:
         problem = _cassette_problem(named)
         if problem is not None:
             pytest.fail(f"@pytest.mark.replay(cassette=...): {problem}", pytrace=False)
-    run: ReplayRun = request.config.stash[_RUN_KEY]
-    handle = run.handle_for(overrides)
-    cassette = (options.get("cassette") or request.node.stash.get(_CASSETTE_KEY, None)
-                or cassette_for(request.node))
+    run: ReplayRun = item.config.stash[_RUN_KEY]
+    handle = run.handle_for(replay_config)
+    cassette = named or item.stash.get(_CASSETTE_KEY, None) or cassette_for(item)
     session = run.new_session()
     mode = handle.mode
     if options.get("mode") or options.get("fingerprint"):
@@ -832,7 +922,7 @@ def replay_proxy(request: pytest.FixtureRequest, replay_config: Mapping[str, Any
                            {"mode": mode if options.get("mode") else None,
                             "fingerprint": options.get("fingerprint")})
     replay = ReplaySession(handle, cassette, mode, session)
-    request.node.stash[_SESSION_KEY] = replay
+    item.stash[_SESSION_KEY] = replay
     saved: dict[str, str | None] = {}
     if marker is not None:
         wanted = {"OPENAI_BASE_URL": replay.base_url, "AZURE_OPENAI_ENDPOINT": replay.url}
@@ -843,16 +933,29 @@ def replay_proxy(request: pytest.FixtureRequest, replay_config: Mapping[str, Any
         for name, value in wanted.items():
             saved[name] = os.environ.get(name)
             os.environ[name] = value
-    try:
-        yield replay
-    finally:
-        for name, previous in saved.items():
-            if previous is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = previous
-        run.tests += 1
-        run.touched.add((handle.cassettes, cassette))
+    item.stash[_SAVED_ENV_KEY] = saved
+    return replay
+
+
+def _close_session(item: pytest.Item, replay: ReplaySession) -> None:
+    """The environment as it was before the test; the session counted."""
+    for name, previous in item.stash.get(_SAVED_ENV_KEY, {}).items():
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+    item.stash[_SAVED_ENV_KEY] = {}
+    run: ReplayRun = item.config.stash[_RUN_KEY]
+    run.tests += 1
+    run.touched.add((replay.handle.cassettes, replay.cassette))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test with the mark alone opens its session here, before any fixture is set up: two
+    fixtures per test cost more than the session itself."""
+    if item.stash.get(_BY_HOOK_KEY, False):
+        _open_session(item, {})
 
 
 @pytest.hookimpl(wrapper=True)
@@ -864,8 +967,14 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
-    """The same for the requests a fixture makes as it is torn down."""
-    return (yield from _failing_on_misses(item))
+    """The same for the requests a fixture makes as it is torn down; then a session the mark
+    opened is closed."""
+    try:
+        return (yield from _failing_on_misses(item))
+    finally:
+        replay = item.stash.get(_SESSION_KEY, None)
+        if replay is not None and item.stash.get(_BY_HOOK_KEY, False):
+            _close_session(item, replay)
 
 
 def _failing_on_misses(item: pytest.Item) -> Iterator[None]:
