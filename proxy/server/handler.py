@@ -560,15 +560,19 @@ async def _replay(state: ProxyState, request: web.BaseRequest, recording: Record
         # (A HEAD answer has no body: aiohttp drops a Response's, but would write a stream's
         # events unframed onto the connection.)
         return web.Response(status=recording.status, body=recording.body, headers=headers)
+    speed = state.settings.replay_timing.speed
+    if speed == 0:
+        # --replay-timing none: the same bytes, chunked as a provider's stream is, in one write
+        # with the head (a streamed response would send its head on its own first).
+        whole = web.Response(status=recording.status, headers=headers,
+                             body=b"".join(event.raw for event in recording.events))
+        whole.enable_chunked_encoding()
+        return whole
     response = web.StreamResponse(status=recording.status, headers=headers)
     await response.prepare(request)
-    speed = state.settings.replay_timing.speed
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
-        if speed == 0:  # --replay-timing none: the same bytes, in one write rather than one each
-            await response.write_eof(b"".join(event.raw for event in recording.events))
-            return response
         for event in recording.events:
             if speed > 0:
                 # Loading refuses any other at_ms; bounded here too, whatever made the event.

@@ -52,18 +52,24 @@ def test_chat_stream_records_and_replays_chunk_for_chunk(make_proxy: ProxyFactor
     assert '"at_ms"' in stored.read_text()
 
 
-def test_replayed_bytes_and_event_boundaries_are_identical(make_proxy: ProxyFactory) -> None:
-    def fetch(url: str) -> tuple[bytes, list[bytes]]:
+@pytest.mark.parametrize("timing", ["none", "recorded"])
+def test_replayed_bytes_and_event_boundaries_are_identical(make_proxy: ProxyFactory,
+                                                           timing: str) -> None:
+    def fetch(url: str) -> tuple[bytes, list[bytes], httpx2.Headers]:
         with httpx2.stream("POST", url + "/v1/chat/completions",
                            json={**CHAT, "seed": 9, "stream": True},
                            headers={"Authorization": f"Bearer {SECRET_KEY}"}) as response:
             body = b"".join(response.iter_bytes())
-        return body, body.split(b"\n\n")
+        return body, body.split(b"\n\n"), response.headers
 
-    with make_proxy(Mode.RECORD) as proxy:
-        live, live_events = fetch(proxy.url)
-        replayed, replayed_events = fetch(proxy.url)
+    with make_proxy(Mode.RECORD, replay_timing=ReplayTiming.parse(timing)) as proxy:
+        live, live_events, live_headers = fetch(proxy.url)
+        replayed, replayed_events, headers = fetch(proxy.url)
     assert replayed == live and replayed_events == live_events
+    assert headers["x-replay-status"] == "hit" and live_headers["x-replay-status"] == "recorded"
+    # Framed as the provider's stream is, however fast it is replayed.
+    assert headers["transfer-encoding"] == live_headers["transfer-encoding"] == "chunked"
+    assert "content-length" not in headers
 
 
 async def test_async_and_azure_streams(make_proxy: ProxyFactory, simulator: SimulatorThread) -> None:
