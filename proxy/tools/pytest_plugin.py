@@ -283,7 +283,6 @@ class ReplayRun:
     totals: Counter[str] = field(default_factory=Counter)
     logs: list[str] = field(default_factory=list)
     failure: str | None = None  # why the session fails although its tests passed
-    cassette_folder: Path | None = None  # skipped by test collection
     _settings_cache: dict[str, Settings] = field(default_factory=dict)
 
     # -- the folder and the shared proxy -------------------------------------------------------
@@ -498,7 +497,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # collection skip the cassette folder).
     if not _likely_used(config):
         return
-    run.cassette_folder = _cassette_folder(inputs)
+    folder = _cassette_folder(inputs)
+    if folder is not None:
+        config.pluginmanager.register(CollectionSkip(folder), "replay-proxy-collection-skip")
     collect_only = config.getoption("collectonly", False)
     if not shared and not collect_only and not _distributing(config):
         run.launch_shared().start()
@@ -534,18 +535,23 @@ def _cassette_folder(inputs: PytestInputs) -> Path | None:
     return Path(os.path.normpath(folder)) if folder is not None else None
 
 
-def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
-    """The cassette folder holds recordings, not tests: collection skips it rather than walk a
-    folder per test (half a second of every run at 1,000 tests). A folder named on the command
-    line is still collected, and so is one that holds Python files."""
-    run = config.stash.get(_RUN_KEY, None)
-    if run is None or run.cassette_folder is None or collection_path != run.cassette_folder:
-        return None
-    try:
-        python = any(name.endswith(".py") for name in os.listdir(collection_path))
-    except OSError:
-        return None
-    return None if python else True
+@dataclass(frozen=True)
+class CollectionSkip:
+    """The cassette folder holds recordings, not tests: the collection skips it rather than
+    walk a folder per test (half a second of every run at 1,000 tests). A folder named on the
+    command line is still collected, and so is one that holds Python files. Registered only
+    in sessions that use the proxy: other suites pay nothing per collected path."""
+
+    folder: Path
+
+    def pytest_ignore_collect(self, collection_path: Path) -> bool | None:
+        if collection_path != self.folder:
+            return None
+        try:
+            python = any(name.endswith(".py") for name in os.listdir(collection_path))
+        except OSError:
+            return None
+        return None if python else True
 
 
 def _distributing(config: pytest.Config) -> bool:
