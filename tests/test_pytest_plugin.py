@@ -786,8 +786,11 @@ def test_collection_skips_the_cassette_folder_wherever_it_is_configured(
     # 1,000 tests, for nothing. A trap below it shows whether the collection went in.
     folder = "cassettes" if where == "default" else "recorded/answers"
     pytester.makepyfile(test_plain="def test_one():\n    assert True\n")
-    (pytester.path / folder / "deep").mkdir(parents=True)
-    (pytester.path / folder / "deep" / "test_trap.py").write_text(TRAP)
+    # A folder per test, as the plugin makes them (a test's cassette is its own folder).
+    trap = pytester.path / folder / "test_app" / "test_one"
+    trap.mkdir(parents=True)
+    (trap / "chat.completions-0123.json").write_text("{}")
+    (trap / "test_trap.py").write_text(TRAP)
     ini = "[pytest]\nasyncio_default_fixture_loop_scope = function\n"
     args = ["-p", "no:cacheprovider", "--collect-only", "-q"]
     monkeypatch.delenv("REPLAY_PROXY_CASSETTES", raising=False)
@@ -808,17 +811,18 @@ def test_collection_skips_the_cassette_folder_wherever_it_is_configured(
     result.stdout.fnmatch_lines(["test_plain.py::test_one", "1 test collected*"])
     # Named on the command line, the folder is collected as pytest always does.
     named = pytester.runpytest(*args, folder)
-    named.stdout.fnmatch_lines(["*deep/test_trap.py::test_trap"])
+    named.stdout.fnmatch_lines(["*test_app/test_one/test_trap.py::test_trap"])
 
 
+@pytest.mark.parametrize("where", ["test_here.py", "unit/test_here.py"])
 def test_a_cassette_folder_that_holds_python_files_is_collected(
-        pytester: pytest.Pytester) -> None:
+        pytester: pytest.Pytester, where: str) -> None:
     pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     pytester.makepyfile(test_plain="def test_one():\n    assert True\n")
-    (pytester.path / "cassettes").mkdir()
-    (pytester.path / "cassettes" / "test_here.py").write_text("def test_here():\n    pass\n")
+    (pytester.path / "cassettes" / where).parent.mkdir(parents=True)
+    (pytester.path / "cassettes" / where).write_text("def test_here():\n    pass\n")
     result = pytester.runpytest("-p", "no:cacheprovider", "--collect-only", "-q")
-    result.stdout.fnmatch_lines(["cassettes/test_here.py::test_here", "*2 tests collected*"])
+    result.stdout.fnmatch_lines([f"cassettes/{where}::test_here", "*2 tests collected*"])
 
 
 @pytest.mark.parametrize("where", ["default", "flag", "environment", "ini", "file", "named file"])
@@ -889,6 +893,19 @@ def test_the_fixture_asked_for_later_is_the_marks_session(request):
 
 def test_unmarked_afterwards_sees_the_environment_as_it_was():
     assert os.environ.get("OPENAI_BASE_URL") == BEFORE
+
+
+@pytest.mark.replay
+@pytest.mark.skip(reason="skipped before any session is opened")
+def test_skipped():
+    raise AssertionError("never runs")
+
+
+@pytest.mark.replay
+@pytest.mark.parametrize("replay_config", [{"cassettes": "elsewhere"}])
+def test_a_parametrized_configuration_is_the_tests(replay_config):
+    OpenAI().chat.completions.create(
+        model="gpt-4o-mini", seed=5, messages=[{"role": "user", "content": "Where?"}])
 '''
 
 
@@ -898,9 +915,15 @@ def test_the_mark_alone_opens_the_session_before_the_tests_fixtures(
     pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     pytester.makepyfile(test_mark_only=MARK_ONLY)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    record_run(pytester, simulator, monkeypatch).assert_outcomes(passed=3)
+    recorded = record_run(pytester, simulator, monkeypatch)
+    recorded.assert_outcomes(passed=4, skipped=1)
+    # (the skipped test is not one of them, and its cassette is not looked at)
+    recorded.stdout.fnmatch_lines(["*3 test(s) through the proxy: 0 hit(s), 0 miss(es), "
+                                   "3 recording(s) made*"])
+    # A replay_config given by parametrize is the test's own, as one from a conftest is.
+    assert list((pytester.path / "elsewhere").rglob("chat.completions-*.json"))
     monkeypatch.setenv("CI", "true")
     monkeypatch.delenv("OPENAI_API_KEY")
     replayed = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    replayed.assert_outcomes(passed=3)
-    replayed.stdout.fnmatch_lines(["*2 test(s) through the proxy: 2 hit(s), 0 miss(es)*"])
+    replayed.assert_outcomes(passed=4, skipped=1)
+    replayed.stdout.fnmatch_lines(["*3 test(s) through the proxy: 3 hit(s), 0 miss(es)*"])

@@ -16,7 +16,7 @@ from urllib.parse import unquote
 
 import aiohttp
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.http_parser import RawRequestMessage
@@ -566,7 +566,8 @@ async def _replay(state: ProxyState, request: web.BaseRequest, recording: Record
         # with the head (a streamed response would send its head on its own first).
         whole = web.Response(status=recording.status, headers=headers,
                              body=b"".join(event.raw for event in recording.events))
-        whole.enable_chunked_encoding()
+        if request.version >= HttpVersion11:  # (HTTP/1.0 has no chunks: a length instead)
+            whole.enable_chunked_encoding()
         return whole
     response = web.StreamResponse(status=recording.status, headers=headers)
     await response.prepare(request)

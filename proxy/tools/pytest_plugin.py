@@ -61,6 +61,8 @@ _DEFAULTS_SHOWN = {"cassettes": "<rootdir>/cassettes"}
 # stops (a later test that needs it again starts it again).
 _MAX_OWN_PROXIES = 8
 _SHOWN_LOG_LINES = 20
+# Folders of the cassette folder looked into for Python files before the collection skips it.
+_LOOKED_INTO = 20
 
 
 def _flag_specs() -> list[OptionSpec]:
@@ -510,15 +512,18 @@ def _cassette_folder(inputs: PytestInputs) -> Path | None:
     ini file, the configuration file, then `<rootdir>/cassettes`), found without click; None
     where a configuration file that cannot be read leaves it unknown (the proxy says why)."""
     folder: Path | None = None
-    args = list(inputs.args)
-    if "--cassettes" in args[:-1]:  # made absolute by `_checked`; the last one given wins
-        folder = Path(args[len(args) - 1 - args[::-1].index("--cassettes") + 1])
-    elif os.environ.get(ENV_PREFIX + "CASSETTES"):
+    flags = {spec.flag for spec in SERVE_OPTIONS if spec.is_flag}
+    args, at = list(inputs.args), 0
+    while at < len(args):  # (flag, value) pairs, and flags alone
+        if args[at] == "--cassettes" and at + 1 < len(args):
+            folder = Path(args[at + 1])  # made absolute by `_checked`; the last one given wins
+        at += 1 if args[at] in flags else 2
+    if folder is None and os.environ.get(ENV_PREFIX + "CASSETTES"):
         folder = Path(inputs.invocation_dir) / os.environ[ENV_PREFIX + "CASSETTES"]
-    elif any(name == "cassettes" for name, _ in inputs.ini):
+    elif folder is None and any(name == "cassettes" for name, _ in inputs.ini):
         value = next(value for name, value in inputs.ini if name == "cassettes")
         folder = Path(inputs.ini_base) / Path(str(value)).expanduser()
-    else:
+    elif folder is None:
         from .config_file import ConfigFileError, find_config, read_config
 
         named = os.environ.get("REPLAY_PROXY_CONFIG")
@@ -527,7 +532,8 @@ def _cassette_folder(inputs: PytestInputs) -> Path | None:
                 Path(inputs.invocation_dir))
         except ConfigFileError:
             return None
-        value = file.values.get("cassettes") if file is not None else None
+        value = next((value for key, value in (file.values.items() if file else ())
+                      if str(key).strip().replace("_", "-") == "cassettes"), None)
         if file is not None and isinstance(value, str):
             folder = file.path.parent / Path(value).expanduser()
         elif value is None:
@@ -547,11 +553,19 @@ class CollectionSkip:
     def pytest_ignore_collect(self, collection_path: Path) -> bool | None:
         if collection_path != self.folder:
             return None
+        # A folder configured as the cassettes' that turns out to hold tests is collected: no
+        # Python file at its top, nor in the first of its folders.
         try:
-            python = any(name.endswith(".py") for name in os.listdir(collection_path))
+            with os.scandir(collection_path) as entries:
+                top = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+            if any(name.endswith(".py") for name, _ in top):
+                return None
+            for name in [name for name, is_dir in top if is_dir][:_LOOKED_INTO]:
+                if any(inner.endswith(".py") for inner in os.listdir(collection_path / name)):
+                    return None
         except OSError:
             return None
-        return None if python else True
+        return True
 
 
 def _distributing(config: pytest.Config) -> bool:
@@ -643,7 +657,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             names = getattr(item, "fixturenames", None)
             if marker is None or names is None or names[:1] == ["replay_proxy"]:
                 continue
-            if "replay_proxy" not in names and _plugin_fixtures_only(item, plain):
+            callspec = getattr(item, "callspec", None)
+            parametrized = callspec is not None and "replay_config" in callspec.params
+            if ("replay_proxy" not in names and not parametrized
+                    and _plugin_fixtures_only(item, plain)):
                 # The mark alone: its session is opened by `pytest_runtest_setup`.
                 item.stash[_BY_HOOK_KEY] = True
                 continue
@@ -956,10 +973,12 @@ def _close_session(item: pytest.Item, replay: ReplaySession) -> None:
     run.touched.add((replay.handle.cassettes, replay.cassette))
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """A test with the mark alone opens its session here, before any fixture is set up: two
-    fixtures per test cost more than the session itself."""
+    """A test with the mark alone opens its session here, before any fixture is set up (two
+    fixtures per test cost more than the session itself), and after pytest's own skip and
+    xfail marks are checked (tryfirst): a skipped test opens none."""
+    if _SESSION_KEY in item.stash:  # the session of an earlier run of this test (a rerun)
+        del item.stash[_SESSION_KEY]
     if item.stash.get(_BY_HOOK_KEY, False):
         _open_session(item, {})
 

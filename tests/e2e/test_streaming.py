@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -213,3 +215,24 @@ async def test_concurrent_identical_streams_make_one_upstream_call(
             results = await asyncio.gather(*(consume() for _ in range(6)))
     assert simulator.state.calls == 1
     assert all(result == results[0] for result in results)  # unseeded, yet one shared answer
+
+
+def test_an_http_1_0_client_gets_a_replayed_stream_whole(make_proxy: ProxyFactory) -> None:
+    # HTTP/1.0 has no chunked encoding: the same bytes come with a length instead.
+    body = json.dumps({**CHAT, "seed": 11, "stream": True}).encode()
+    with make_proxy(Mode.RECORD) as proxy:
+        recorded = httpx2.post(proxy.url + "/v1/chat/completions", content=body,
+                               headers={"Authorization": f"Bearer {SECRET_KEY}",
+                                        "Content-Type": "application/json"})
+        assert recorded.headers["x-replay-status"] == "recorded"
+        host, port = proxy.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as client:
+            client.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: "
+                           b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            answer = b""
+            while chunk := client.recv(65536):
+                answer += chunk
+    head, _, replayed = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"X-Replay-Status: hit" in head
+    assert b"Transfer-Encoding" not in head and b"Content-Length: %d" % len(replayed) in head
+    assert replayed == recorded.content and replayed.endswith(b"data: [DONE]\n\n")
