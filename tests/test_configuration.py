@@ -52,6 +52,11 @@ def test_every_serve_option_reaches_the_settings_or_the_process() -> None:
     assert unplumbed(serve_parameters()) == []
     assert tuple(
         next(p for p in serve_parameters() if p.name == "loop_choice").type.choices) == serving.LOOPS  # type: ignore[attr-defined]
+    from replay_proxy.core.routes import SequencePolicy
+    from replay_proxy.tools.options import SEQUENCE_POLICIES
+
+    assert tuple(policy.value for policy in SequencePolicy) == SEQUENCE_POLICIES
+    assert SEQUENCE_POLICIES[0] == SequencePolicy.STATEFUL
 
 
 def test_flag_beats_environment_beats_file_beats_default(tmp_path: Path) -> None:

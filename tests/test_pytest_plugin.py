@@ -456,8 +456,9 @@ def pytest_sessionfinish(session):
                                "replay_proxy.tools.configuration",
                                "replay_proxy.tools.proxy_process") if name in sys.modules]
     assert not heavy, heavy
-    # Nor a hook asked about every collected path.
+    # Nor a hook asked about every collected path, nor hooks around every test.
     assert not session.config.pluginmanager.has_plugin("replay-proxy-collection-skip")
+    assert not session.config.pluginmanager.has_plugin("replay-proxy-session-hooks")
     print("light:", "replay_proxy.tools.pytest_plugin" in sys.modules)
 ''')
     pytester.makepyfile(test_plain="def test_one():\n    assert True\n")

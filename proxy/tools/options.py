@@ -22,7 +22,6 @@ from ..core.defaults import (
     OPENAI_UPSTREAM,
 )
 from ..core.modes import Mode
-from ..core.routes import SequencePolicy
 
 ENV_PREFIX = "REPLAY_PROXY_"
 # The API key clients are given when replaying and none is set: no request reaches a provider.
@@ -31,11 +30,14 @@ MODES = tuple(mode.value for mode in Mode)
 # The same as server/serving.LOOPS (a test keeps them equal): reading the options must not
 # import the server.
 LOOPS = ("auto", "uvloop", "asyncio")
+# The same as core.routes.SequencePolicy (a test keeps them equal): the route table is not
+# needed to read the options.
+SEQUENCE_POLICIES = ("stateful", "all", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
 # How a value is read: a type, and for some a conversion into the Settings value
-# (`mode` -> Mode, `timing` -> ReplayTiming, `sequence` -> SequencePolicy, `cassette` -> a
+# (`mode` -> Mode, `timing` -> ReplayTiming, `sequence` -> routes.SequencePolicy, `cassette` -> a
 # checked cassette name, `age` -> seconds), done by `configuration`.
 Kind = Literal["text", "int", "float", "flag", "path", "choice", "mode", "sequence", "timing",
                "cassette", "age"]
@@ -172,8 +174,8 @@ SERVE_OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("sequence", "--sequence",
                "Which keys replay their recordings in order (the n-th identical request gets "
                "the n-th answer): stateful routes (files, batches, polls, ...), all routes, or "
-               "none.", kind="sequence", default=SequencePolicy.STATEFUL.value,
-               choices=tuple(policy.value for policy in SequencePolicy)),
+               "none.", kind="sequence", default=SEQUENCE_POLICIES[0],
+               choices=SEQUENCE_POLICIES),
     OptionSpec("log_level", "--log-level",
                "info: one line per request (method, path, cassette, key, status, ms).",
                kind="choice", default="warning", choices=LOG_LEVELS),

@@ -285,6 +285,7 @@ class ReplayRun:
     totals: Counter[str] = field(default_factory=Counter)
     logs: list[str] = field(default_factory=list)
     failure: str | None = None  # why the session fails although its tests passed
+    hooks_registered: bool = False  # SessionHooks, on the first session opened
     _settings_cache: dict[str, Settings] = field(default_factory=dict)
 
     # -- the folder and the shared proxy -------------------------------------------------------
@@ -946,6 +947,9 @@ def _open_session(item: pytest.Item, replay_config: object) -> ReplaySession:
                             "fingerprint": options.get("fingerprint")})
     replay = ReplaySession(handle, cassette, mode, session)
     item.stash[_SESSION_KEY] = replay
+    if not run.hooks_registered:  # (before this test's call and teardown hooks run)
+        item.config.pluginmanager.register(SessionHooks(), SessionHooks.NAME)
+        run.hooks_registered = True
     saved: dict[str, str | None] = {}
     if marker is not None:
         wanted = {"OPENAI_BASE_URL": replay.base_url, "AZURE_OPENAI_ENDPOINT": replay.url}
@@ -983,23 +987,28 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         _open_session(item, {})
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    """A replay miss, or an error of the proxy's own, fails the test with the proxy's
-    explanation, whatever the code did with the error it got."""
-    return (yield from _failing_on_misses(item))
+class SessionHooks:
+    """The hooks of tests that have a proxy session, registered when the first session opens:
+    a suite that never uses the proxy pays nothing for them per test."""
 
+    NAME = "replay-proxy-session-hooks"
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
-    """The same for the requests a fixture makes as it is torn down; then a session the mark
-    opened is closed."""
-    try:
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
+        """A replay miss, or an error of the proxy's own, fails the test with the proxy's
+        explanation, whatever the code did with the error it got."""
         return (yield from _failing_on_misses(item))
-    finally:
-        replay = item.stash.get(_SESSION_KEY, None)
-        if replay is not None and item.stash.get(_BY_HOOK_KEY, False):
-            _close_session(item, replay)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_teardown(self, item: pytest.Item) -> Iterator[None]:
+        """The same for the requests a fixture makes as it is torn down; then a session the
+        mark opened is closed."""
+        try:
+            return (yield from _failing_on_misses(item))
+        finally:
+            replay = item.stash.get(_SESSION_KEY, None)
+            if replay is not None and item.stash.get(_BY_HOOK_KEY, False):
+                _close_session(item, replay)
 
 
 def _failing_on_misses(item: pytest.Item) -> Iterator[None]:
