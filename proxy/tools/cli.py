@@ -31,6 +31,7 @@ from ..store.state_dir import state_dir
 from .audit import Verdict
 from .audit import probe as probe_upstream
 from .audit import verify as verify_entries
+from .config_file import CONFIG_ENV
 from .configuration import (
     SHARED_OPTIONS,
     age_option,
@@ -58,7 +59,7 @@ class _Failed(click.ClickException):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="replay-proxy")
-@click.option("--config", "config_path", envvar="REPLAY_PROXY_CONFIG", show_envvar=True,
+@click.option("--config", "config_path", envvar=CONFIG_ENV, show_envvar=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Read options from this TOML file instead of the nearest replay-proxy.toml "
                    "or pyproject.toml [tool.replay-proxy].")

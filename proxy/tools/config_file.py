@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_FILE = "replay-proxy.toml"
+CONFIG_ENV = "REPLAY_PROXY_CONFIG"  # names the file instead of the search (`--config`)
 
 
 class ConfigFileError(ValueError):
@@ -31,6 +32,23 @@ class ConfigFile:
         if self.path.name == "pyproject.toml":
             return f"[tool.replay-proxy] in {self.path}"
         return str(self.path)
+
+    def value(self, name: str) -> Any:
+        """The value of key `name` (a long option name), however the file spells it; None
+        when it has none."""
+        return next((value for key, value in self.values.items()
+                     if normalise_key(str(key)) == name), None)
+
+
+def normalise_key(key: str) -> str:
+    """A file's key as a long option name: `ignore_field` and ` ignore-field` are one key."""
+    return key.strip().replace("_", "-")
+
+
+def named_or_found(start: Path, environ: Mapping[str, str]) -> ConfigFile | None:
+    """The file REPLAY_PROXY_CONFIG names, else the nearest one from `start` up."""
+    named = environ.get(CONFIG_ENV)
+    return read_config(Path(named)) if named else find_config(start)
 
 
 def find_config(start: Path) -> ConfigFile | None:

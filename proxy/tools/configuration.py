@@ -36,7 +36,7 @@ from ..core.routes import SequencePolicy
 from ..core.rules import RuleError, Rules
 from ..core.settings import ReplayTiming, Settings, parse_age
 from . import config_file
-from .config_file import CONFIG_FILE, ConfigFile, ConfigFileError
+from .config_file import CONFIG_FILE, ConfigFile, ConfigFileError, normalise_key
 from .options import (
     DUMMY_API_KEY,
     ENV_PREFIX,
@@ -227,8 +227,10 @@ def plugin_settings(inputs: PytestInputs, replay_config: Mapping[str, Any]
     options = [with_environment(click_option(spec)) for spec in pytest_specs()]
     applies = {option.name for option in options}
     invocation = Path(inputs.invocation_dir)
-    named = os.environ.get("REPLAY_PROXY_CONFIG")
-    file = read_config(Path(named)) if named else find_config(invocation)
+    try:
+        file = config_file.named_or_found(invocation, os.environ)
+    except ConfigFileError as exc:
+        raise ConfigError(str(exc)) from exc
     # The file is checked as the command checks it; options that make no sense in pytest
     # (port, workers, allow_misses, ...) are then left out.
     file_defaults = (checked_defaults(file_parameters(), file.values, file.where,
@@ -270,10 +272,6 @@ def read_config(path: Path, required: bool = True) -> ConfigFile | None:
 
 def options_by_key(params: Iterable[click.Parameter]) -> dict[str, click.Option]:
     return {long_name(param): param for param in params if isinstance(param, click.Option)}
-
-
-def normalise_key(key: str) -> str:
-    return key.strip().replace("_", "-")
 
 
 def checked_defaults(params: Iterable[click.Parameter], values: Mapping[str, Any], where: str,
@@ -343,8 +341,7 @@ def cassette_rules_from(config: ConfigFile | None) -> tuple[tuple[str, Rules], .
     redact) that apply to one cassette's requests, on top of the shared ones."""
     if config is None:
         return ()
-    tables = next((value for key, value in config.values.items()
-                   if normalise_key(str(key)) == CASSETTE_RULES), None)
+    tables = config.value(CASSETTE_RULES)
     if tables is None:
         return ()
     where = f"{config.where}: {CASSETTE_RULES}"

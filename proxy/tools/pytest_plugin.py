@@ -285,7 +285,6 @@ class ReplayRun:
     totals: Counter[str] = field(default_factory=Counter)
     logs: list[str] = field(default_factory=list)
     failure: str | None = None  # why the session fails although its tests passed
-    hooks_registered: bool = False  # SessionHooks, on the first session opened
     _settings_cache: dict[str, Settings] = field(default_factory=dict)
 
     # -- the folder and the shared proxy -------------------------------------------------------
@@ -511,35 +510,39 @@ def pytest_configure(config: pytest.Config) -> None:
 def _cassette_folder(inputs: PytestInputs) -> Path | None:
     """The cassette folder as the proxy resolves it (the command line, the environment, the
     ini file, the configuration file, then `<rootdir>/cassettes`), found without click; None
-    where a configuration file that cannot be read leaves it unknown (the proxy says why)."""
-    folder: Path | None = None
-    flags = {spec.flag for spec in SERVE_OPTIONS if spec.is_flag}
-    args, at = list(inputs.args), 0
-    while at < len(args):  # (flag, value) pairs, and flags alone
-        if args[at] == "--cassettes" and at + 1 < len(args):
-            folder = Path(args[at + 1])  # made absolute by `_checked`; the last one given wins
-        at += 1 if args[at] in flags else 2
-    if folder is None and os.environ.get(ENV_PREFIX + "CASSETTES"):
-        folder = Path(inputs.invocation_dir) / os.environ[ENV_PREFIX + "CASSETTES"]
-    elif folder is None and any(name == "cassettes" for name, _ in inputs.ini):
-        value = next(value for name, value in inputs.ini if name == "cassettes")
-        folder = Path(inputs.ini_base) / Path(str(value)).expanduser()
-    elif folder is None:
-        from .config_file import ConfigFileError, find_config, read_config
-
-        named = os.environ.get("REPLAY_PROXY_CONFIG")
-        try:
-            file = read_config(Path(named)) if named else find_config(
-                Path(inputs.invocation_dir))
-        except ConfigFileError:
-            return None
-        value = next((value for key, value in (file.values.items() if file else ())
-                      if str(key).strip().replace("_", "-") == "cassettes"), None)
-        if file is not None and isinstance(value, str):
-            folder = file.path.parent / Path(value).expanduser()
-        elif value is None:
-            folder = Path(inputs.rootdir) / "cassettes"
+    where a configuration file that cannot be read leaves it unknown (the proxy says why).
+    `plugin_settings` is the whole resolution; a test keeps the two in agreement."""
+    folder = _given_cassette_folder(inputs)
     return Path(os.path.normpath(folder)) if folder is not None else None
+
+
+def _given_cassette_folder(inputs: PytestInputs) -> Path | None:
+    spec = next(spec for spec in SERVE_OPTIONS if spec.name == "cassettes")
+    flags = {option.flag for option in SERVE_OPTIONS if option.is_flag}
+    folder, args, at = None, inputs.args, 0
+    while at < len(args):  # (flag, value) pairs, and flags alone; the last one given wins
+        if args[at] == spec.flag and at + 1 < len(args):
+            folder = Path(args[at + 1])  # made absolute by `_checked`
+        at += 1 if args[at] in flags else 2
+    if folder is not None:
+        return folder
+    if os.environ.get(spec.env_name):
+        return Path(inputs.invocation_dir) / os.environ[spec.env_name]
+    for name, value in inputs.ini:
+        if name == spec.long_name:
+            return Path(inputs.ini_base) / Path(str(value)).expanduser()
+    from .config_file import ConfigFileError, named_or_found
+
+    try:
+        file = named_or_found(Path(inputs.invocation_dir), os.environ)
+    except ConfigFileError:
+        return None
+    value = file.value(spec.long_name) if file is not None else None
+    if value is None:
+        return Path(inputs.rootdir) / "cassettes"
+    if file is not None and isinstance(value, str):
+        return file.path.parent / Path(value).expanduser()
+    return None
 
 
 @dataclass(frozen=True)
@@ -578,7 +581,7 @@ def _distributing(config: pytest.Config) -> bool:
 def _likely_used(config: pytest.Config) -> bool:
     """Cheap evidence that this project uses replay-proxy: its options given anywhere, its
     configuration file, or the cassette folder (committed, so it is there in CI too)."""
-    if any(name.startswith("REPLAY_PROXY_") for name in os.environ):
+    if any(name.startswith(ENV_PREFIX) for name in os.environ):
         return True
     inputs = config.stash[_RUN_KEY].inputs
     if inputs.args or inputs.ini:
@@ -947,9 +950,9 @@ def _open_session(item: pytest.Item, replay_config: object) -> ReplaySession:
                             "fingerprint": options.get("fingerprint")})
     replay = ReplaySession(handle, cassette, mode, session)
     item.stash[_SESSION_KEY] = replay
-    if not run.hooks_registered:  # (before this test's call and teardown hooks run)
-        item.config.pluginmanager.register(SessionHooks(), SessionHooks.NAME)
-        run.hooks_registered = True
+    plugins = item.config.pluginmanager
+    if not plugins.has_plugin(SessionHooks.NAME):  # (before this test's call and teardown)
+        plugins.register(SessionHooks(), SessionHooks.NAME)
     saved: dict[str, str | None] = {}
     if marker is not None:
         wanted = {"OPENAI_BASE_URL": replay.base_url, "AZURE_OPENAI_ENDPOINT": replay.url}
@@ -979,8 +982,8 @@ def _close_session(item: pytest.Item, replay: ReplaySession) -> None:
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """A test with the mark alone opens its session here, before any fixture is set up (two
-    fixtures per test cost more than the session itself), and after pytest's own skip and
-    xfail marks are checked (tryfirst): a skipped test opens none."""
+    fixtures per test cost more than the session itself), and after pytest's own tryfirst
+    hook has checked the skip and xfail marks: a skipped test opens none."""
     if _SESSION_KEY in item.stash:  # the session of an earlier run of this test (a rerun)
         del item.stash[_SESSION_KEY]
     if item.stash.get(_BY_HOOK_KEY, False):
