@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -122,6 +123,33 @@ async def test_redis_keys_are_namespaced_by_cassette_with_ttl(redis_url: str) ->
     assert 0 < await client.ttl(f"team:{{suite-a}}:e:{'a' * 64}") <= 60
     await client.aclose()
     await store.close()
+
+
+@pytest.mark.parametrize("fixture", ["redis_url", "redis_cluster_url"])
+async def test_redis_writes_start_no_thread(fixture: str, request: pytest.FixtureRequest,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Redis write is one script on the proxy's loop. redis-py's asyncio cluster transactions
+    run each queued command on a loop of their own in a new thread and join it: the proxy's
+    loop stood still for every write, and once hung for good while stopping."""
+    backend = open_store(request.getfixturevalue(fixture))
+    try:
+        await backend.get("warm", "0" * 64, "chat.completions")  # connections and layout
+        started: list[str] = []
+        original = threading.Thread.start
+
+        def start(thread: threading.Thread) -> None:
+            started.append(thread.name)
+            original(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", start)
+        await backend.put("writes", entry("a" * 64))
+        assert await backend.claim_occurrence("s1", "writes", "a" * 64) == 1
+        assert await backend.delete("writes", "a" * 64, "chat.completions") is True
+        monkeypatch.undo()
+        assert started == []
+        assert await backend.items("writes") == []
+    finally:
+        await backend.close()
 
 
 async def test_directory_writes_leave_the_event_loop_on_a_slow_disk(

@@ -3,7 +3,7 @@
 Keys: `<prefix>:{<cassette>}:e:<key>` holds the encoded entry (the same bytes as a cassette
 file), `<prefix>:{<cassette>}:index` the set of the cassette's keys. The cassette sits in braces,
 a Redis Cluster hash tag, so all of one cassette's keys live in one slot, and every write is a
-transaction or a script on that one slot: a cassette never spans nodes, and a node that goes
+script on that one slot: a cassette never spans nodes, and a node that goes
 away takes only its own cassettes with it. The cassettes are listed by scanning for their
 index keys (on every node of a cluster), so no write touches a second slot.
 
@@ -54,6 +54,19 @@ _EXTEND = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
 _RELEASE_CLAIM = ("local v = redis.call('hget', KEYS[1], ARGV[1]) "
                   "if v and tonumber(v) > 0 then return redis.call('hincrby', KEYS[1], ARGV[1], -1) "
                   "end return 0")
+# Writes are scripts, not MULTI transactions: redis-py's asyncio cluster pipeline (8.1) runs
+# each queued command of a transaction on a new event loop in a thread and joins it, which
+# stalls this loop for every write and can hang it for good.
+# Store an entry (with a TTL in seconds, when ARGV[3] is not empty) and index its key.
+_PUT = ("if ARGV[3] == '' then redis.call('set', KEYS[1], ARGV[1]) "
+        "else redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[3]) end "
+        "redis.call('sadd', KEYS[2], ARGV[2]) return 1")
+# Delete an entry and its index member; 1 when the entry was there.
+_DELETE = ("local removed = redis.call('del', KEYS[1]) redis.call('srem', KEYS[2], ARGV[1]) "
+           "return removed")
+# Claim the next occurrence of a key in a session's sequence, and keep the counters a day.
+_CLAIM = ("local claimed = redis.call('hincrby', KEYS[1], ARGV[1], 1) "
+          "redis.call('expire', KEYS[1], ARGV[2]) return claimed")
 # Forget index members whose entry expired, unless a writer stored it again meanwhile.
 _FORGET_EXPIRED = ("local gone = 0 for i = 2, #KEYS do if redis.call('exists', KEYS[i]) == 0 then "
                    "gone = gone + redis.call('srem', KEYS[1], ARGV[i - 1]) end end return gone")
@@ -116,12 +129,12 @@ class RedisStore:
         writable_name(cassette, entry.key, entry.label)
         encoded = encode_entry(entry)
         try:
-            async with self._call(cassette), self._client.pipeline(transaction=True) as pipe:
-                pipe.set(self._entry_key(cassette, entry.key), encoded, ex=self.ttl)
-                pipe.sadd(self._index_key(cassette), entry.key)
-                await pipe.execute()
+            async with self._call(cassette):
+                await self._client.eval(_PUT, 2, self._entry_key(cassette, entry.key),
+                                        self._index_key(cassette), encoded, entry.key,
+                                        "" if self.ttl is None else str(self.ttl))
         except StoreUnavailable as exc:
-            # A transaction sent before Redis stopped answering runs when it answers again:
+            # A script sent before Redis stopped answering runs when it answers again:
             # the write is unconfirmed, not undone.
             raise StoreUnavailable(
                 f"The Redis store {self.description} did not confirm the write of "
@@ -129,10 +142,9 @@ class RedisStore:
                 "it is stored whole once the store answers again, or not at all.") from exc
 
     async def delete(self, cassette: str, key: str, label: str) -> bool:
-        async with self._call(cassette), self._client.pipeline(transaction=True) as pipe:
-            pipe.delete(self._entry_key(cassette, key))
-            pipe.srem(self._index_key(cassette), key)
-            removed, _ = await pipe.execute()
+        async with self._call(cassette):
+            removed = await self._client.eval(_DELETE, 2, self._entry_key(cassette, key),
+                                              self._index_key(cassette), key)
         return bool(removed)
 
     async def cassettes(self) -> list[str]:
@@ -226,10 +238,8 @@ class RedisStore:
 
     async def claim_occurrence(self, session: str, cassette: str, key: str) -> int:
         counters = self._sequence_key(session, cassette)
-        async with self._call(cassette), self._client.pipeline(transaction=True) as pipe:
-            pipe.hincrby(counters, key, 1)
-            pipe.expire(counters, SESSION_TTL_S)
-            claimed, _ = await pipe.execute()
+        async with self._call(cassette):
+            claimed = await self._client.eval(_CLAIM, 1, counters, key, SESSION_TTL_S)
         return int(claimed)
 
     async def release_occurrence(self, session: str, cassette: str, key: str) -> None:

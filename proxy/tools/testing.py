@@ -175,17 +175,31 @@ def run_proxy_process(*args: str, env: dict[str, str] | None = None,
                     raise TimeoutError(f"replay-proxy did not listen on {port}") from None
                 time.sleep(0.05)
         yield url, process
+    except Exception as exc:
+        # What the proxy logged is often the only account of why the test failed.
+        _stop(process)
+        if process.stderr is not None and not process.stderr.closed:
+            log = process.stderr.read().decode(errors="replace")
+            exc.add_note("replay-proxy's log:\n" + (log[-_LOG_TAIL:] or "(empty)"))
+        raise
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                # It stops once every answer is stored (well under a second, even under load).
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        _stop(process)
         if process.stderr is not None:
             process.stderr.close()
+
+
+_LOG_TAIL = 8000  # characters of the child's log attached to a failing test
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            # It stops once every answer is stored (well under a second, even under load).
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @contextmanager
